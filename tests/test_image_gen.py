@@ -1,0 +1,277 @@
+"""image_gen.py: the diffusion maths on known inputs, and the real CLI on a few hundred MNIST digits."""
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import image_gen
+from conftest import run_script
+
+TINY = ["--subset", "256", "--timesteps", "20", "--base_channels", "16", "--batch_size", "64",
+        "--fid_reference_size", "48", "--seed", "3"]
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_usage_error(result, *fragments: str) -> None:
+    """Bad input: exit status 2, exactly one line on stderr that names the problem, no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, mnist_dir):
+    """Two tiny epochs with FID at both: the run every CLI test reads from."""
+    out = tmp_path_factory.mktemp("trained")
+    result = run_script("image_gen.py", "--mode", "train", "--epochs", "2", "--fid_samples", "16",
+                        "--num_samples", "10", "--data_dir", str(mnist_dir), "--results_dir", str(out / "results"),
+                        "--checkpoint", str(out / "model.pt"), *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Maths
+# ----------------------------------------------------------------------------
+def test_positional_encoding_is_sin_cos_of_scaled_timestep():
+    encoding = image_gen.PositionalEncoding(8)
+    out = encoding(torch.tensor([0, 5]))
+    assert out.shape == (2, 8)
+    assert torch.allclose(out[0], torch.tensor([0.0] * 4 + [1.0] * 4))  # t = 0: sin 0, cos 0
+    frequencies = 10000 ** (-torch.arange(4) / 4)
+    assert torch.allclose(out[1], torch.cat([torch.sin(5 * frequencies), torch.cos(5 * frequencies)]), atol=1e-6)
+
+
+def test_linear_schedule_matches_ho_et_al():
+    schedule = image_gen.NoiseSchedule(1000, "linear")
+    assert schedule.betas[0].item() == pytest.approx(1e-4)
+    assert schedule.betas[-1].item() == pytest.approx(0.02)
+    expected = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    assert torch.allclose(schedule.alphas_cumprod.double(), expected, rtol=1e-5)
+    assert schedule.alphas_cumprod[-1] < 1e-4  # x_T is practically pure noise
+
+
+def test_cosine_schedule_follows_squared_cosine():
+    schedule = image_gen.NoiseSchedule(1000, "cosine")
+    t = torch.tensor([0, 250, 500, 999])
+    f = lambda s: math.cos((s / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    expected = torch.tensor([f(int(s) + 1) / f(0) for s in t])
+    assert torch.allclose(schedule.alphas_cumprod[t], expected.float(), atol=1e-4)
+    assert torch.all(schedule.betas <= 0.999) and torch.all(schedule.betas > 0)
+
+
+def test_q_sample_has_the_forward_process_statistics():
+    schedule = image_gen.NoiseSchedule(1000)
+    x0 = torch.full((20000, 1, 1, 1), 0.5)
+    t = torch.full((20000,), 300)
+    x_t = schedule.q_sample(x0, t, torch.randn_like(x0))
+    alpha_bar = schedule.alphas_cumprod[300].item()
+    assert x_t.mean().item() == pytest.approx(0.5 * math.sqrt(alpha_bar), abs=0.02)
+    assert x_t.var().item() == pytest.approx(1 - alpha_bar, abs=0.02)
+
+
+class OracleNoise(torch.nn.Module):
+    """The exact eps for a known x_0: a perfect denoiser, so a correct sampler must return x_0."""
+
+    def __init__(self, schedule, x0):
+        super().__init__()
+        self.schedule, self.x0 = schedule, x0
+
+    def forward(self, x, t, labels=None):
+        a = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 0, 0.0), ("ddim", 25, 0.0), ("ddim", 10, 1.0)])
+def test_samplers_recover_x0_from_a_perfect_denoiser(sampler, steps, eta):
+    schedule = image_gen.NoiseSchedule(100)
+    x0 = torch.rand(4, 1, 28, 28) * 2 - 1
+    out = image_gen.sample(OracleNoise(schedule, x0), schedule, 4, sampler=sampler, steps=steps or 1, eta=eta,
+                           generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 1, 28, 28)
+    assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_unet_keeps_the_image_shape_and_uses_labels():
+    torch.manual_seed(0)
+    model = image_gen.DiffusionModel(base_channels=16, attention=True, class_conditional=True)
+    torch.nn.init.normal_(model.conv_out.weight)  # the zero-initialised output would hide the label's effect
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999])
+    out_a = model(x, t, torch.tensor([1, 2, 3]))
+    out_b = model(x, t, torch.tensor([4, 5, 6]))
+    assert out_a.shape == (3, 1, 28, 28)
+    assert not torch.allclose(out_a, out_b)
+    assert model(x, t).shape == (3, 1, 28, 28)  # no labels: the null label
+
+
+def test_packaged_mnist_is_the_canonical_dataset(mnist_dir):
+    images, labels = image_gen.load_mnist(str(mnist_dir), "train")
+    test_images, test_labels = image_gen.load_mnist(str(mnist_dir), "test")
+    assert images.shape == (60000, 28, 28) and images.dtype == torch.uint8
+    assert test_images.shape == (10000, 28, 28)
+    assert labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # the well-known first training labels
+    assert test_labels[:5].tolist() == [7, 2, 1, 0, 4]
+    assert images.max() == 255 and images.min() == 0
+    assert torch.bincount(labels).min() > 5000
+
+
+def test_fid_of_a_set_against_itself_is_near_zero_and_noise_is_far(mnist_dir):
+    evaluator = image_gen.FIDEvaluator(str(mnist_dir), 64, torch.device("cpu"))
+    test_images, _ = image_gen.load_mnist(str(mnist_dir), "test")
+    same = evaluator.score(test_images[:64].unsqueeze(1))
+    noise = evaluator.score(torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8))
+    assert "TF-Inception" in evaluator.extractor
+    assert abs(same) < 1.0
+    assert noise > 100 * max(abs(same), 1.0)
+
+
+# ----------------------------------------------------------------------------
+# The CLI, end to end
+# ----------------------------------------------------------------------------
+def test_train_writes_every_output(trained):
+    results = trained / "results"
+    for name in ["training_loss.png", "final_samples.png", "denoising.gif", "image_metrics.json",
+                 "epoch_comparisons/samples_epoch_001.png", "epoch_comparisons/samples_epoch_002.png",
+                 "epoch_comparisons/metrics_comparison.png"]:
+        assert (results / name).stat().st_size > 500, name
+    metrics = json.loads((results / "image_metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["history"]] == [1, 2]
+    assert all(e["fid"] > 0 and e["loss"] > 0 and e["images_per_second"] > 0 for e in metrics["history"])
+    assert metrics["fid_setup"]["samples"] == 16 and metrics["fid_setup"]["reference_size"] == 48
+    assert metrics["history"][1]["loss"] < metrics["history"][0]["loss"]
+    gif = Image.open(results / "denoising.gif")
+    assert gif.n_frames >= 10
+    assert len(list((results / "samples").glob("*.png"))) == 10
+
+
+def test_infer_reads_everything_from_the_checkpoint_and_repeats_exactly(trained, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        result = run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(trained / "model.pt"),
+                            "--num_samples", "10", "--seed", "3", "--results_dir", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(tmp_path / name / "samples")
+    files = sorted(p.name for p in runs[0].glob("*.png"))
+    assert len(files) == 10
+    image = Image.open(runs[0] / files[0])
+    assert image.size == (28, 28) and image.mode == "L"
+    assert np.asarray(image).std() > 0
+    for name in files:  # same seed, same checkpoint: the same digits, bit for bit, also as training drew them
+        assert digest(runs[0] / name) == digest(runs[1] / name) == digest(trained / "results" / "samples" / name)
+
+
+def test_infer_ddim_with_a_digit_and_guidance(trained, tmp_path):
+    result = run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(trained / "model.pt"),
+                        "--sampler", "ddim", "--sample_steps", "5", "--digit", "3", "--guidance_scale", "2",
+                        "--num_samples", "4", "--results_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 4
+    assert (tmp_path / "final_samples.png").is_file()
+
+
+def test_resume_continues_the_epoch_count_and_history(trained, tmp_path, mnist_dir):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes((trained / "model.pt").read_bytes())
+    result = run_script("image_gen.py", "--mode", "train", "--resume", "--epochs", "3", "--fid_samples", "0",
+                        "--checkpoint", str(checkpoint), "--data_dir", str(mnist_dir),
+                        "--results_dir", str(tmp_path / "results"), *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = torch.load(trained / "model.pt", weights_only=True)
+    after = torch.load(checkpoint, weights_only=True)
+    assert before["epoch"] == 2 and after["epoch"] == 3
+    assert after["step"] == before["step"] + 4  # 256 images / batch 64
+    assert after["history"]["epochs"][:2] == before["history"]["epochs"]
+    assert after["history"]["epochs"][2]["epoch"] == 3
+    assert after["lr_scheduler"]["last_epoch"] == after["step"]
+
+
+def test_two_process_torchrun_on_cpu(tmp_path, mnist_dir):
+    result = run_script("image_gen.py", "--mode", "train", "--epochs", "1", "--fid_samples", "8",
+                        "--num_samples", "4", "--checkpoint", str(tmp_path / "model.pt"),
+                        "--data_dir", str(mnist_dir), "--results_dir", str(tmp_path / "results"), *TINY,
+                        torchrun=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 2  # 256 images over 2 ranks at batch 64
+    metrics = json.loads((tmp_path / "results" / "image_metrics.json").read_text())
+    assert metrics["fid_setup"]["samples"] == 8 and metrics["history"][0]["fid"] > 0
+
+
+# ----------------------------------------------------------------------------
+# Bad input: one line, exit status 2, nothing saved is harmed
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("args,fragment", [
+    (["--epochs", "0"], "--epochs"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--digit", "11", "--mode", "infer"], "--digit"),
+    (["--device", "cuda"], "no CUDA"),
+    (["--sampler", "euler"], "invalid choice"),
+])
+def test_bad_settings_are_rejected(args, fragment, tmp_path):
+    result = run_script("image_gen.py", *args, "--checkpoint", str(tmp_path / "model.pt"),
+                        "--results_dir", str(tmp_path))
+    assert_usage_error(result, fragment)
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_bad_checkpoints_are_rejected(tmp_path):
+    missing = run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(tmp_path / "nope.pt"))
+    assert_usage_error(missing, "does not exist")
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00not a checkpoint" * 100)
+    assert_usage_error(run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(corrupt)), "readable")
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "epoch": 3}, foreign)
+    assert_usage_error(run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(foreign)), "not an image_gen")
+
+
+def test_incompatible_checkpoint_and_finished_resume_leave_the_file_alone(trained, tmp_path, mnist_dir):
+    state = torch.load(trained / "model.pt", weights_only=True)
+    state["config"]["base_channels"] = 24  # weights of a 16-wide net under a 24-wide config
+    bad = tmp_path / "mismatch.pt"
+    torch.save(state, bad)
+    assert_usage_error(run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(bad)), "does not match")
+
+    good = tmp_path / "model.pt"
+    good.write_bytes((trained / "model.pt").read_bytes())
+    before = digest(good)
+    result = run_script("image_gen.py", "--mode", "train", "--resume", "--epochs", "2", "--checkpoint", str(good),
+                        "--data_dir", str(mnist_dir), *TINY)
+    assert_usage_error(result, "already has 2 epochs")
+    assert digest(good) == before
+
+
+def test_unreadable_data_dir(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for names in image_gen.IDX_FILES.values():
+        for name in names:
+            (raw / name).write_bytes(b"garbage")
+    result = run_script("image_gen.py", "--epochs", "1", "--data_dir", str(tmp_path / "data"),
+                        "--checkpoint", str(tmp_path / "model.pt"), "--fid_samples", "0")
+    assert_usage_error(result, "cannot read MNIST")
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path, mnist_dir):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes((trained / "model.pt").read_bytes())
+    before = digest(checkpoint)
+    result = run_script("image_gen.py", "--mode", "train", "--epochs", "1", "--learning_rate", "1e30",
+                        "--checkpoint", str(checkpoint), "--data_dir", str(mnist_dir), "--fid_samples", "0",
+                        "--results_dir", str(tmp_path), *TINY)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "loss became" in result.stderr and "Traceback" not in result.stderr
+    assert digest(checkpoint) == before
