@@ -547,15 +547,14 @@ class DiffusionTrainer:
         """One pass over this rank's shard of a fresh permutation; returns the mean loss over all ranks."""
         self.model.train()
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.args.seed + self.epoch))
-        order = order[self.rank::self.world_size]
+        order = order[self.rank::self.world_size].to(images.device)
         batches = order.split(self.args.batch_size)
         total = torch.zeros((), device=self.device)
         window = torch.zeros((), device=self.device)
         progress = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.args.epochs}", leave=False,
                         disable=self.rank != 0)
         for i, index in enumerate(progress):
-            x0 = to_model_range(images[index]).to(self.device, non_blocking=True)
-            loss = self.train_step(x0, labels[index].to(self.device))
+            loss = self.train_step(to_model_range(images[index]), labels[index])
             total += loss
             window += loss
             if (i + 1) % 50 == 0 or i + 1 == len(batches):
@@ -839,6 +838,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     images, labels = load_mnist(args.data_dir, "train")
     if args.subset:
         images, labels = images[:args.subset], labels[:args.subset]
+    images, labels = images.to(device), labels.to(device)  # 47 MB: the whole set lives on the device
     steps_per_epoch = math.ceil(len(images) / world_size / args.batch_size)
     trainer = DiffusionTrainer(args, config, device, steps_per_epoch, rank, world_size)
     if state:
@@ -865,11 +865,10 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
                   "images_per_second": round(len(images) / seconds, 1), "lr": trainer.lr_scheduler.get_last_lr()[0],
                   "fid": None}
         if trainer.epoch in FID_EPOCHS or trainer.epoch == args.epochs:
-            # The same generator seed every time, so grids from different epochs start from the same noise.
-            grid = sample(trainer.ema, trainer.schedule, args.num_samples, sampler=args.sampler,
-                          steps=args.sample_steps, eta=args.eta, labels=grid_labels,
-                          guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed))
-            if rank == 0:
+            if rank == 0:  # the same noise every time, so grids from different epochs compare
+                grid = sample(trainer.ema, trainer.schedule, args.num_samples, sampler=args.sampler,
+                              steps=args.sample_steps, eta=args.eta, labels=grid_labels,
+                              guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed))
                 save_grid(to_uint8(grid).cpu(), results / "epoch_comparisons" / f"samples_epoch_{trainer.epoch:03d}.png",
                           grid_columns(args.num_samples, conditional, None), f"epoch {trainer.epoch}")
             if evaluator:

