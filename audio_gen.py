@@ -223,8 +223,9 @@ def _smooth(x: np.ndarray, seconds: float) -> np.ndarray:
 
 
 def _hit(out: np.ndarray, start: int, sound: np.ndarray) -> None:
-    end = min(out.size, start + sound.size)
-    out[start:end] += sound[: end - start]
+    """Add `sound` into `out` from sample `start`, cut at the clip's end (hits may start past it)."""
+    n = max(0, min(sound.size, out.size - start))
+    out[start : start + n] += sound[:n]
 
 
 class SyntheticMUSDBDataset(Dataset):

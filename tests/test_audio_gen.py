@@ -202,3 +202,18 @@ def test_bad_inputs_exit_2_with_one_line_and_keep_the_checkpoint(trained, tmp_pa
         for p, content in snapshot.items():
             assert p.read_bytes() == content, (name, p)  # nothing saved is lost or altered
     assert not (tmp_path / "results").exists()  # refused runs write nothing
+
+
+def test_synthetic_stems_are_deterministic_and_sum_to_the_mixture():
+    ds = {stem: ag.SyntheticMUSDBDataset(3, stem, seed=7) for stem in ag.STEMS}
+    for i in range(3):
+        stems = {s: d[i] for s, d in ds.items()}
+        for s, x in stems.items():
+            assert x.shape == (ag.CLIP_SAMPLES,) and torch.isfinite(x).all() and x.abs().max() > 1e-3, s
+            assert torch.equal(x, ds[s][i]), s  # same (seed, index) -> same clip
+        total = sum(stems[s] for s in ("vocals", "drums", "bass", "other"))
+        assert torch.allclose(stems["mixture"] * max(1.0, total.abs().max().item() / 0.99), total, atol=1e-5)
+    out = np.zeros(10)
+    ag._hit(out, 12, np.ones(5))  # a hit scheduled past the clip's end adds nothing instead of failing
+    ag._hit(out, 8, np.ones(5))
+    assert out.tolist() == [0] * 8 + [1, 1]
