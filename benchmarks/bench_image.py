@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_image.py                       # everything (~45 min on 1 CPU thread)
     .venv/bin/python benchmarks/bench_image.py --only speed          # training and sampling speed (~2 min)
     .venv/bin/python benchmarks/bench_image.py --budget_minutes 12 --skip_ddpm_fid
+    .venv/bin/python benchmarks/bench_image.py --only checkpoint --checkpoint models/pretrained/diffusion_model.pt
 
 1. Training images/s of one optimizer step (batch 64), bf16 autocast against fp32 and
    channels_last against NCHW, measured side by side; median of repeated timings.
@@ -10,6 +11,8 @@
 3. Quality after a fixed wall-clock training budget: train from scratch with the script's
    defaults until the budget is spent, then FID of 1,000 EMA samples against the MNIST test
    set with DDIM-50 and with full 1000-step DDPM.
+4. With --checkpoint: FID-1k of that model by sampler and steps, and how often a small MNIST
+   classifier (trained here in about a minute) reads a conditional sample as the digit asked for.
 Everything runs on --threads CPU threads (default 1) so that figures compare across runs.
 """
 
@@ -132,9 +135,80 @@ def fid_after_budget(budget_minutes: float, data_dir: str, fid_samples: int, ski
         print(f"  DDIM-50 / DDPM-1000 FID ratio: {scores['ddim'] / scores['ddpm']:.2f}")
 
 
+class DigitClassifier(torch.nn.Module):
+    """A small CNN (about 99% test accuracy after two epochs) that reads generated digits."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),   # 14x14
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),  # 7x7
+            torch.nn.Flatten(), torch.nn.Linear(64 * 7 * 7, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+    def forward(self, images_u8: torch.Tensor) -> torch.Tensor:
+        return self.layers(images_u8.float().div(255))
+
+
+def train_classifier(data_dir: str, epochs: int = 2) -> DigitClassifier:
+    images, labels = image_gen.load_mnist(data_dir, "train")
+    test_images, test_labels = image_gen.load_mnist(data_dir, "test")
+    torch.manual_seed(0)
+    classifier = DigitClassifier()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for index in torch.randperm(len(images)).split(128):
+            loss = torch.nn.functional.cross_entropy(classifier(images[index].unsqueeze(1)), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    classifier.eval()
+    with torch.no_grad():
+        accuracy = (classifier(test_images.unsqueeze(1)).argmax(1) == test_labels).float().mean().item()
+    print(f"  classifier: {accuracy:.2%} on the MNIST test set")
+    return classifier
+
+
+def evaluate_checkpoint(path: str, data_dir: str, fid_samples: int, skip_ddpm: bool) -> None:
+    print(f"\n## Checkpoint {path}")
+    state = image_gen.load_checkpoint(Path(path))
+    model, schedule = image_gen.build_model(state["config"])
+    model.load_state_dict(state.get("ema", state["model"]))
+    model.eval()
+    print(f"  config {state['config']}, trained {state['epoch']} epochs")
+    args = image_gen.parse_args(["--mode", "infer"])
+    sampling_speed(model, schedule)
+    evaluator = image_gen.FIDEvaluator(data_dir, 10000, torch.device("cpu"))
+    conditional = state["config"]["class_conditional"]
+    labels = image_gen.balanced_labels(fid_samples, None, "cpu") if conditional else None
+    configs = [("ddim", 20), ("ddim", 50), ("ddim", 100)] + ([] if skip_ddpm else [("ddpm", schedule.timesteps)])
+    for sampler, steps in configs:
+        args.sampler, args.sample_steps = sampler, steps
+        start = time.perf_counter()
+        fakes = image_gen.generate_in_batches(model, schedule, fid_samples, args,
+                                              torch.Generator().manual_seed(1), labels)
+        print(f"  FID-{fid_samples // 1000}k {sampler.upper()}-{steps}: {evaluator.score(fakes):6.2f}   "
+              f"(vs {evaluator.reference_size} MNIST test images, {evaluator.extractor}; "
+              f"{time.perf_counter() - start:.0f} s)")
+    if not conditional:
+        return
+    classifier = train_classifier(data_dir)
+    args.sampler, args.sample_steps = "ddim", 50
+    for guidance in (1.0, 2.0):
+        args.guidance_scale = guidance
+        hits = []
+        for digit in range(10):
+            fakes = image_gen.generate_in_batches(model, schedule, 100, args, torch.Generator().manual_seed(digit),
+                                                  torch.full((100,), digit))
+            with torch.no_grad():
+                hits.append((classifier(fakes).argmax(1) == digit).float().mean().item())
+        per_digit = " ".join(f"{d}:{h:.0%}" for d, h in enumerate(hits))
+        print(f"  --digit N, DDIM-50, guidance {guidance:g}: read as N {sum(hits) / 10:.1%} of 1000 ({per_digit})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["speed", "quality"], default=None, help="run one part")
+    parser.add_argument("--only", choices=["speed", "quality", "checkpoint"], default=None, help="run one part")
+    parser.add_argument("--checkpoint", default=None, help="a trained checkpoint to score (part 4)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps figures comparable)")
     parser.add_argument("--budget_minutes", type=float, default=12.0, help="training budget for the FID figure")
     parser.add_argument("--fid_samples", type=int, default=1000, help="generated images per FID")
@@ -149,6 +223,8 @@ def main() -> None:
         sampling_speed(model.eval(), schedule)
     if args.only in (None, "quality"):
         fid_after_budget(args.budget_minutes, args.data_dir, args.fid_samples, args.skip_ddpm_fid)
+    if args.checkpoint and args.only in (None, "checkpoint"):
+        evaluate_checkpoint(args.checkpoint, args.data_dir, args.fid_samples, args.skip_ddpm_fid)
 
 
 if __name__ == "__main__":

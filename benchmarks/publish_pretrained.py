@@ -1,0 +1,63 @@
+"""Turn finished training runs into the shipped pretrained models and the README gallery.
+
+    .venv/bin/python benchmarks/publish_pretrained.py --image_run RUN_DIR --audio_run RUN_DIR
+
+RUN_DIR is what a training command left behind: its checkpoint (diffusion_model.pt or
+audio_autoencoder.pt) beside the results/ folder it wrote. The checkpoints lose their
+optimizer state (the image model keeps its EMA weights as its only weights), so that they
+are small and load with weights_only=True; the pictures and wavs go to docs/.
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING_ONLY = ("optimizer", "lr_scheduler", "scheduler")
+
+
+def inference_only(checkpoint: Path, destination: Path) -> None:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if "ema" in state:  # the averaged weights are the ones that sample well
+        state["model"] = state.pop("ema")
+    for key in TRAINING_ONLY:
+        state.pop(key, None)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(destination)
+    print(f"{destination.relative_to(ROOT)}: {destination.stat().st_size / 1e6:.1f} MB "
+          f"(from {checkpoint}, epoch {state.get('epoch')})")
+
+
+def copy(source: Path, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, destination)
+    print(f"{destination.relative_to(ROOT)} <- {source}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--image_run", type=Path, help="folder with diffusion_model.pt and results/")
+    parser.add_argument("--audio_run", type=Path, help="folder with audio_autoencoder.pt and results/")
+    args = parser.parse_args()
+    images = ROOT / "docs" / "images"
+    if args.image_run:
+        inference_only(args.image_run / "diffusion_model.pt", ROOT / "models" / "pretrained" / "diffusion_model.pt")
+        results = args.image_run / "results"
+        for name in ("final_samples.png", "denoising.gif", "training_loss.png",
+                     "epoch_comparisons/metrics_comparison.png"):
+            copy(results / name, images / Path(name).name)
+    if args.audio_run:
+        inference_only(args.audio_run / "audio_autoencoder.pt", ROOT / "models" / "pretrained" / "audio_autoencoder.pt")
+        results = args.audio_run / "results"
+        for name in ("spectrogram_comparison.png", "training_curves.png"):
+            copy(results / name, images / name)
+        for wav in sorted(results.glob("audio_*.wav")):
+            copy(wav, ROOT / "docs" / "audio" / wav.name)
+
+
+if __name__ == "__main__":
+    main()
