@@ -60,7 +60,7 @@ TIME_STRIDE = 16  # the encoder halves time four times
 LOG_FLOOR = 1e-8  # log(max(mel, floor)): silence sits ~100 dB below loud bins instead of at -inf
 MIN_INPUT_SECONDS = 0.5
 SILENCE_PEAK = 1e-4
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: residual autoencoder, per-step learning-rate schedule
 DEFAULT_CHECKPOINT = Path("models/audio_autoencoder.pt")
 PRETRAINED_CHECKPOINT = Path("models/pretrained/audio_autoencoder.pt")
 MUSDB_STEMS = ("vocals", "drums", "bass", "other", "mixture")
@@ -88,11 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = p.add_argument_group("model")
     model.add_argument("--n_mels", type=int, default=128, help="mel bins = Conv1d input channels")
     model.add_argument("--latent_dim", type=int, default=64, help="latent channels per latent frame (one latent frame per 16 mel frames)")
-    model.add_argument("--hidden_channels", type=int, default=256, help="channels of the three inner conv layers")
+    model.add_argument("--hidden_channels", type=int, default=192, help="channels of every layer between the mel bins and the latent")
     optim = p.add_argument_group("training")
     optim.add_argument("--epochs", type=int, default=30, help="total epochs (with --resume: the total to reach)")
     optim.add_argument("--batch_size", type=int, default=32, help="clips per batch (per process under torchrun)")
-    optim.add_argument("--learning_rate", type=float, default=1e-3, help="Adam learning rate, cosine-decayed to 10%% over --epochs")
+    optim.add_argument("--learning_rate", type=float, default=1e-3, help="Adam peak learning rate: 100-step warm-up, then cosine decay to 5%% over --epochs")
     recon = p.add_argument_group("reconstruction")
     recon.add_argument("--griffin_lim_iters", type=int, default=32, help="Griffin-Lim iterations (momentum 0.99)")
     recon.add_argument("--inverse", choices=["nnls", "torchaudio"], default="nnls",
@@ -370,23 +370,53 @@ def build_datasets(cfg: argparse.Namespace) -> tuple[Dataset, Dataset, str, bool
     return train, val, f"synthetic {cfg.stem} (seed {cfg.seed})", cfg.stem == "vocals"
 
 
+def render_clips(dataset: Dataset, progress: bool) -> torch.Tensor:
+    """Synthetic clips -> (N, CLIP_SAMPLES), made once: a mixture clip takes ~40 ms to render, several training steps' worth."""
+    return torch.stack([dataset[i] for i in tqdm(range(len(dataset)), desc="rendering clips", leave=False, disable=not progress)])
+
+
 # ----------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------
-class AudioAutoencoder(nn.Module):
-    """Mel bins as channels; each encoder layer halves time, each decoder layer doubles it."""
+class ResBlock(nn.Module):
+    """x + conv(GELU(conv(GELU(LayerNorm(x))))): adds depth at one time resolution without changing shape."""
 
-    def __init__(self, n_mels: int = 128, latent_dim: int = 64, hidden: int = 256):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)  # over channels at each frame, so any clip length normalises the same
+        self.conv1 = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x.transpose(1, 2)).transpose(1, 2)  # (B, C, T): LayerNorm wants channels last
+        return x + self.conv2(F.gelu(self.conv1(F.gelu(h))))
+
+
+class AudioAutoencoder(nn.Module):
+    """Mel bins as channels; 4 stride-2 Conv1d layers down to latent_dim channels, 4 ConvTranspose1d back.
+
+    A 3-tap conv lifts the mel bins to `hidden` channels, and a residual block follows each of the
+    first three strided layers in the encoder and each of the first three in the decoder; all of
+    them keep the time length, so the latent is still latent_dim numbers per 16 mel frames.
+    """
+
+    def __init__(self, n_mels: int = 128, latent_dim: int = 64, hidden: int = 192):
         super().__init__()
         down = lambda c_in, c_out: nn.Conv1d(c_in, c_out, kernel_size=4, stride=2, padding=1)  # noqa: E731
         up = lambda c_in, c_out: nn.ConvTranspose1d(c_in, c_out, kernel_size=4, stride=2, padding=1)  # noqa: E731
         self.encoder = nn.Sequential(
-            down(n_mels, hidden), nn.GELU(), down(hidden, hidden), nn.GELU(),
-            down(hidden, hidden), nn.GELU(), down(hidden, latent_dim),
+            nn.Conv1d(n_mels, hidden, kernel_size=3, padding=1), nn.GELU(),
+            down(hidden, hidden), ResBlock(hidden),  # T/2
+            down(hidden, hidden), ResBlock(hidden),  # T/4
+            down(hidden, hidden), ResBlock(hidden),  # T/8
+            down(hidden, latent_dim),  # T/16
         )
         self.decoder = nn.Sequential(
-            up(latent_dim, hidden), nn.GELU(), up(hidden, hidden), nn.GELU(),
-            up(hidden, hidden), nn.GELU(), up(hidden, n_mels),
+            up(latent_dim, hidden), ResBlock(hidden),  # T/8
+            up(hidden, hidden), ResBlock(hidden),  # T/4
+            up(hidden, hidden), ResBlock(hidden),  # T/2
+            up(hidden, hidden), nn.GELU(),  # T
+            nn.Conv1d(hidden, n_mels, kernel_size=3, padding=1),
         )
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
@@ -588,17 +618,22 @@ class TrainingDiverged(Exception):
 
 
 class AudioTrainer:
-    """MSE on normalised log-mels, Adam with cosine decay, gradient clipping, a checkpoint per epoch."""
+    """MSE on normalised log-mels, Adam with warm-up then cosine decay per step, gradient clipping, a checkpoint per epoch."""
+
+    WARMUP_STEPS = 100
 
     def __init__(self, model: nn.Module, pre: AudioPreprocessor, cfg: argparse.Namespace, device: torch.device,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, steps_per_epoch: int):
         self.cfg, self.pre, self.device, self.rank, self.world_size = cfg, pre, device, rank, world_size
         self.model = model
         self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-        # cosine from lr to lr/10 over --epochs; a lambda (not T_max state) so --resume can extend the run
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda e: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(e, cfg.epochs) / cfg.epochs)))
+        # linear warm-up, then cosine from lr to lr/20 over --epochs; a lambda of the step (not T_max state)
+        # so --resume with a larger --epochs stretches the remaining decay
+        total = max(1, cfg.epochs * steps_per_epoch)
+        warmup = min(self.WARMUP_STEPS, max(1, total // 10))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
+            0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
         self.epoch = 0
         self.history: dict[str, list[float]] = {k: [] for k in ("train_loss", "val_mse", "val_mae", "val_cosine", "val_pesq_proxy", "lr")}
 
@@ -613,6 +648,9 @@ class AudioTrainer:
     def load(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        step, schedule = self.scheduler.last_epoch, self.scheduler.lr_lambdas[0]
+        for group in self.optimizer.param_groups:  # --epochs may have grown: re-read the rate from the stretched schedule
+            group["lr"] = group["initial_lr"] * schedule(step)
         self.epoch, self.history = ckpt["epoch"], ckpt["history"]
 
     def train_epoch(self, loader: DataLoader) -> float:
@@ -630,6 +668,7 @@ class AudioTrainer:
             loss.backward()
             nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0)
             self.optimizer.step()
+            self.scheduler.step()
             total += torch.stack([loss.detach() * len(wav), torch.tensor(float(len(wav)), device=self.device)])
             count += 1
         if self.world_size > 1:
@@ -642,9 +681,8 @@ class AudioTrainer:
         while self.epoch < self.cfg.epochs:
             if sampler is not None:
                 sampler.set_epoch(self.epoch)
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate the epoch starts at
             train_loss = self.train_epoch(loader)
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
             self.epoch += 1
             if self.rank == 0:  # rank 0 alone scores and writes; the others wait at the barrier
                 val = self.validation_mel_metrics(val_set)
@@ -670,19 +708,25 @@ def checkpoint_config(cfg: argparse.Namespace) -> dict:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read and check a checkpoint; missing, corrupt or foreign files -> UsageError."""
+def load_checkpoint(path: Path, resume: bool = False) -> dict:
+    """Read and check a checkpoint; missing, corrupt or foreign files -> UsageError.
+
+    Infer needs only weights, config and normalisation (published checkpoints carry no optimizer state);
+    resume needs the optimizer and scheduler too.
+    """
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path} (train first: python audio_gen.py --mode train)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types (pickle, zip, runtime) for a damaged file
         raise UsageError(f"checkpoint {path} is not readable ({type(e).__name__}); it may be corrupt") from None
-    required = {"model", "optimizer", "scheduler", "epoch", "config", "normalisation", "history"}
+    required = {"model", "epoch", "config", "normalisation"}
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "audio_autoencoder" or not required <= ckpt.keys():
         raise UsageError(f"checkpoint {path} is not an audio_gen.py autoencoder checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"checkpoint {path} has format version {ckpt.get('format_version')}; this script reads {FORMAT_VERSION}")
+    if resume and not {"optimizer", "scheduler", "history"} <= ckpt.keys():
+        raise UsageError(f"checkpoint {path} holds weights only (no optimizer state): it can be used for infer, not --resume")
     return ckpt
 
 
@@ -701,12 +745,14 @@ def train(cfg: argparse.Namespace) -> None:
     checkpoint = Path(cfg.checkpoint or DEFAULT_CHECKPOINT)
     ckpt = None
     if cfg.resume:  # model and data settings come from the checkpoint; --epochs becomes the new total
-        ckpt = load_checkpoint(checkpoint)
+        ckpt = load_checkpoint(checkpoint, resume=True)
         vars(cfg).update({k: v for k, v in ckpt["config"].items() if k not in ("epochs", "learning_rate", "batch_size")})
         if ckpt["epoch"] >= cfg.epochs:
             raise UsageError(f"checkpoint {checkpoint} already has {ckpt['epoch']} epochs; pass --epochs above that to resume")
     train_set, val_set, source, speech_like = build_datasets(cfg)  # bad data fails here, before anything is written
     rank, world_size = setup_distributed()
+    if isinstance(train_set, Subset):  # synthetic
+        train_set, val_set = render_clips(train_set, rank == 0), render_clips(val_set, rank == 0)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     if ckpt is not None:
@@ -716,7 +762,8 @@ def train(cfg: argparse.Namespace) -> None:
         pre = AudioPreprocessor(cfg.n_mels, *fit_normalisation(train_set, AudioPreprocessor(cfg.n_mels), cfg.batch_size))
     model, pre = model.to(device), pre.to(device)
     seed_everything(cfg.seed + rank)  # per-rank randomness from here on (shuffles, Griffin-Lim phases)
-    trainer = AudioTrainer(model, pre, cfg, device, rank, world_size)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world_size) / cfg.batch_size)  # DistributedSampler pads evenly
+    trainer = AudioTrainer(model, pre, cfg, device, rank, world_size, steps_per_epoch)
     if ckpt is not None:
         trainer.load(ckpt)
     if rank == 0:

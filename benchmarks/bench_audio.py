@@ -14,7 +14,8 @@ Speech is synthesised with Debian's espeak-ng (apt-get install espeak-ng), or re
 
     python benchmarks/bench_audio.py                       # about 15 minutes on one CPU thread
     python benchmarks/bench_audio.py --wav_dir ~/speech    # your own speech instead of espeak-ng
-    python benchmarks/bench_audio.py --epochs 20 --sets harmonic   # a quick look
+    python benchmarks/bench_audio.py --epochs 5 --sets harmonic    # a quick look
+    python benchmarks/bench_audio.py --checkpoint models/pretrained/audio_autoencoder.pt   # a trained model vs PCA
 """
 
 import argparse
@@ -42,11 +43,16 @@ VOICES = ("en+m1", "en+m3", "en+m5", "en+m7", "en+f1", "en+f2", "en+f3", "en+f4"
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="audio autoencoder vs PCA benchmark")
     p.add_argument("--sets", default="harmonic,mixture,speech", help="comma-separated: any synthetic stem, and speech")
-    p.add_argument("--train_clips", type=int, default=384, help="5-s training clips per set")
+    p.add_argument("--train_clips", type=int, default=1024, help="5-s training clips per set")
     p.add_argument("--val_clips", type=int, default=24, help="5-s held-out clips per set")
-    p.add_argument("--epochs", type=int, default=60, help="autoencoder epochs over the training clips")
-    p.add_argument("--batch_size", type=int, default=32, help="autoencoder batch size")
+    p.add_argument("--epochs", type=int, default=20, help="autoencoder epochs over the training clips")
+    p.add_argument("--batch_size", type=int, default=16, help="autoencoder batch size")
+    p.add_argument("--learning_rate", type=float, default=2e-3, help="autoencoder peak learning rate (warm-up, cosine)")
+    p.add_argument("--hidden_channels", type=int, default=192, help="autoencoder hidden channels")
     p.add_argument("--latent_dim", type=int, default=64, help="latent channels per 16 frames = PCA components per 16-frame patch")
+    p.add_argument("--checkpoint", default=None,
+                   help="score this trained audio_gen.py checkpoint instead of training: against PCA fitted on its own "
+                        "synthetic training clips, on its own held-out clips")
     p.add_argument("--wav_dir", default=None, help="speech folder to use instead of espeak-ng")
     p.add_argument("--threads", type=int, default=1, help="torch threads (timings are always on one)")
     p.add_argument("--seed", type=int, default=0, help="seeds data, initialisation and Griffin-Lim")
@@ -84,13 +90,13 @@ def load_set(name: str, cfg: argparse.Namespace, workdir: Path) -> tuple[torch.T
 
 def train_autoencoder(train: torch.Tensor, val: torch.Tensor, cfg: argparse.Namespace, workdir: Path) -> tuple:
     """The project's own AudioTrainer on these clips (a tensor is a Dataset of clips)."""
-    tcfg = argparse.Namespace(epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=1e-3, seed=cfg.seed,
-                              n_mels=128, latent_dim=cfg.latent_dim, hidden_channels=256, stem="bench", num_samples=len(train),
-                              audio_dir=None, musdb_root=None)
+    tcfg = argparse.Namespace(epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed,
+                              n_mels=128, latent_dim=cfg.latent_dim, hidden_channels=cfg.hidden_channels, stem="bench",
+                              num_samples=len(train), audio_dir=None, musdb_root=None)
     ag.seed_everything(cfg.seed)
     pre = ag.AudioPreprocessor(128, *ag.fit_normalisation(train, ag.AudioPreprocessor(128), cfg.batch_size))
-    model = ag.AudioAutoencoder(128, cfg.latent_dim, 256)
-    trainer = ag.AudioTrainer(model, pre, tcfg, torch.device("cpu"), 0, 1)
+    model = ag.AudioAutoencoder(128, cfg.latent_dim, cfg.hidden_channels)
+    trainer = ag.AudioTrainer(model, pre, tcfg, torch.device("cpu"), 0, 1, steps_per_epoch=-(-len(train) // cfg.batch_size))
     start = time.perf_counter()
     trainer.fit(train, val, workdir / "ae.pt")
     return model.eval(), pre, time.perf_counter() - start
@@ -136,9 +142,42 @@ def time_reconstruction(model, pre, clip: torch.Tensor, repeats: int = 7) -> tup
     return float(np.median(full)), float(np.median(gl))
 
 
+def batched(fn, x: torch.Tensor, size: int = 64) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(x[i : i + size]) for i in range(0, len(x), size)])
+
+
+def score_checkpoint(path: Path, cfg: argparse.Namespace) -> None:
+    """A trained checkpoint against PCA on the checkpoint's own split of its synthetic set: PCA is fitted on the
+    clips the autoencoder trained on, with the checkpoint's normalisation, and both are scored on the held-out clips."""
+    try:
+        ckpt = ag.load_checkpoint(path)
+        model, pre = ag.model_from_checkpoint(ckpt, path)
+    except ag.UsageError as e:
+        raise SystemExit(f"error: {e}") from None
+    c = ckpt["config"]
+    if c["audio_dir"] or c["musdb_root"]:
+        raise SystemExit(f"error: {path} was trained on real audio; --checkpoint scores synthetic checkpoints only")
+    train_set, val_set, desc, _ = ag.build_datasets(argparse.Namespace(**c))
+    train, val = (torch.stack([ds[i] for i in range(len(ds))]) for ds in (train_set, val_set))
+    model.eval()
+    train_mel, val_mel = batched(pre, train), batched(pre, val)
+    ae_mel, pca_mel = batched(model, val_mel), pca_reconstruct(train_mel, val_mel, c["latent_dim"])
+    ae, pca = ag.mel_metrics(val_mel, ae_mel, pre), ag.mel_metrics(val_mel, pca_mel, pre)
+    print(f"checkpoint {path}: {desc}, epoch {ckpt['epoch']}, hidden {c['hidden_channels']}, latent {c['latent_dim']}; "
+          f"{len(train)} training / {len(val)} held-out clips")
+    print("| set | AE MSE | PCA MSE | AE vs PCA | AE cosine | PCA cosine | AE PESQ proxy | PCA PESQ proxy |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {desc} | {ae['mse']:.4f} | {pca['mse']:.4f} | {100 * (ae['mse'] / pca['mse'] - 1):+.1f}% MSE | {ae['cosine']:.4f} | "
+          f"{pca['cosine']:.4f} | {ae['pesq_proxy']:.3f} | {pca['pesq_proxy']:.3f} |")
+
+
 def main() -> None:
     cfg = parse_args()
     torch.set_num_threads(cfg.threads)
+    if cfg.checkpoint:
+        score_checkpoint(Path(cfg.checkpoint), cfg)
+        return
     sets = cfg.sets.split(",")
     if "speech" in sets and not cfg.wav_dir and shutil.which("espeak-ng") is None:
         print("espeak-ng is not installed: the speech set is skipped (apt-get install espeak-ng, or pass --wav_dir)")

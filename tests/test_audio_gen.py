@@ -80,6 +80,20 @@ def test_checkpoint_round_trip_and_resume(trained, tmp_path):
     assert after["optimizer"]["state"]  # Adam moments were saved and carried over
 
 
+def test_infer_from_a_weights_only_checkpoint(trained, tmp_path):
+    """A published checkpoint has its optimizer and scheduler state removed: infer works, --resume says why it cannot."""
+    ckpt = torch.load(trained / "models" / "audio_autoencoder.pt", weights_only=True)
+    for key in ("optimizer", "lr_scheduler", "scheduler"):
+        ckpt.pop(key, None)
+    torch.save(ckpt, tmp_path / "published.pt")
+    ok(run("--mode", "infer", "--checkpoint", "published.pt", "--results_dir", "out", cwd=tmp_path))
+    data, rate = sf.read(tmp_path / "out" / "audio_reconstructed_0.wav")
+    assert rate == 16_000 and data.shape == (ag.CLIP_SAMPLES,) and np.abs(data).max() > 1e-3
+    assert json.loads((tmp_path / "out" / "audio_metrics.json").read_text())["infer"]["epoch"] == 2
+    proc = run("--mode", "train", "--resume", "--epochs", "3", "--checkpoint", "published.pt", cwd=tmp_path)
+    assert proc.returncode == 2 and "no optimizer state" in proc.stderr
+
+
 def test_griffin_lim_recovers_a_pure_tone():
     t = torch.arange(ag.CLIP_SAMPLES) / ag.SAMPLE_RATE
     tone = 0.5 * torch.sin(2 * torch.pi * 1000 * t)[None]  # (1, L)
