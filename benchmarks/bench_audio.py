@@ -43,9 +43,9 @@ VOICES = ("en+m1", "en+m3", "en+m5", "en+m7", "en+f1", "en+f2", "en+f3", "en+f4"
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="audio autoencoder vs PCA benchmark")
     p.add_argument("--sets", default="harmonic,mixture,speech", help="comma-separated: any synthetic stem, and speech")
-    p.add_argument("--train_clips", type=int, default=1024, help="5-s training clips per set")
+    p.add_argument("--train_clips", type=int, default=768, help="5-s training clips per set")
     p.add_argument("--val_clips", type=int, default=24, help="5-s held-out clips per set")
-    p.add_argument("--epochs", type=int, default=20, help="autoencoder epochs over the training clips")
+    p.add_argument("--epochs", type=int, default=40, help="autoencoder epochs over the training clips")
     p.add_argument("--batch_size", type=int, default=16, help="autoencoder batch size")
     p.add_argument("--learning_rate", type=float, default=2e-3, help="autoencoder peak learning rate (warm-up, cosine)")
     p.add_argument("--hidden_channels", type=int, default=192, help="autoencoder hidden channels")
