@@ -18,10 +18,11 @@ install: $(STAMP)
 
 # A short but real train + infer of each script (about 10 minutes on a 2-core CPU).
 demo: $(STAMP)
-	$(PY) image_gen.py --mode train --epochs 2 --subset 12000 --fid_samples 256
-	$(PY) image_gen.py --mode infer --num_samples 64 --sampler ddim --sample_steps 50
+	$(PY) image_gen.py --mode train --epochs 2 --subset 30000 --sampler ddim --eta 1 \
+		--fid_samples 250 --fid_reference_size 1000 --num_samples 40
+	$(PY) image_gen.py --mode infer --num_samples 40 --checkpoint models/diffusion_model.pt
 	$(PY) audio_gen.py --mode train --epochs 10
-	$(PY) audio_gen.py --mode infer
+	$(PY) audio_gen.py --mode infer --checkpoint models/audio_autoencoder.pt
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -120,19 +120,27 @@ def fid_after_budget(budget_minutes: float, data_dir: str, fid_samples: int, ski
     trainer, args = train_for(budget_minutes * 60, data_dir)
     evaluator = image_gen.FIDEvaluator(data_dir, 10000, torch.device("cpu"))
     labels = image_gen.balanced_labels(fid_samples, None, "cpu")
-    configs = [("ddim", 50)] + ([] if skip_ddpm else [("ddpm", trainer.schedule.timesteps)])
-    scores = {}
-    for sampler, steps in configs:
-        args.sampler, args.sample_steps = sampler, steps
+    configs = [("ddim", 50, 0.0), ("ddim", 50, 1.0)]
+    configs += [] if skip_ddpm else [("ddpm", trainer.schedule.timesteps, 0.0)]
+    scores = score_samplers(trainer.ema, trainer.schedule, args, evaluator, configs, fid_samples, labels)
+    if len(scores) == 3:
+        print(f"  DDIM-50 (eta 0) / DDPM-1000 FID ratio: {scores[0] / scores[2]:.2f}")
+
+
+def score_samplers(model, schedule, args, evaluator, configs, fid_samples, labels) -> list[float]:
+    """FID of fid_samples images for each (sampler, steps, eta), all from the same seed."""
+    scores = []
+    for sampler, steps, eta in configs:
+        args.sampler, args.sample_steps, args.eta = sampler, steps, eta
         start = time.perf_counter()
-        fakes = image_gen.generate_in_batches(trainer.ema, trainer.schedule, fid_samples, args,
-                                              torch.Generator().manual_seed(1), labels)
-        scores[sampler] = evaluator.score(fakes)
-        print(f"  FID-{fid_samples // 1000}k {sampler.upper()}-{steps}: {scores[sampler]:6.2f}   "
+        fakes = image_gen.generate_in_batches(model, schedule, fid_samples, args, torch.Generator().manual_seed(1),
+                                              labels)
+        scores.append(evaluator.score(fakes))
+        name = f"{sampler.upper()}-{steps}" + (f" eta {eta:g}" if sampler == "ddim" else "")
+        print(f"  FID-{fid_samples / 1000:g}k {name:16s} {scores[-1]:6.2f}   "
               f"(vs {evaluator.reference_size} MNIST test images, {evaluator.extractor}; "
-              f"{time.perf_counter() - start:.0f} s)")
-    if "ddpm" in scores:
-        print(f"  DDIM-50 / DDPM-1000 FID ratio: {scores['ddim'] / scores['ddpm']:.2f}")
+              f"{time.perf_counter() - start:.0f} s)", flush=True)
+    return scores
 
 
 class DigitClassifier(torch.nn.Module):
@@ -149,8 +157,10 @@ class DigitClassifier(torch.nn.Module):
         return self.layers(images_u8.float().div(255))
 
 
-def train_classifier(data_dir: str, epochs: int = 2) -> DigitClassifier:
+def train_classifier(data_dir: str, epochs: int = 2, train_images: int = 60000) -> tuple[DigitClassifier, float]:
+    """The classifier and its MNIST test-set accuracy."""
     images, labels = image_gen.load_mnist(data_dir, "train")
+    images, labels = images[:train_images], labels[:train_images]
     test_images, test_labels = image_gen.load_mnist(data_dir, "test")
     torch.manual_seed(0)
     classifier = DigitClassifier()
@@ -164,8 +174,7 @@ def train_classifier(data_dir: str, epochs: int = 2) -> DigitClassifier:
     classifier.eval()
     with torch.no_grad():
         accuracy = (classifier(test_images.unsqueeze(1)).argmax(1) == test_labels).float().mean().item()
-    print(f"  classifier: {accuracy:.2%} on the MNIST test set")
-    return classifier
+    return classifier, accuracy
 
 
 def evaluate_checkpoint(path: str, data_dir: str, fid_samples: int, skip_ddpm: bool) -> None:
@@ -180,19 +189,14 @@ def evaluate_checkpoint(path: str, data_dir: str, fid_samples: int, skip_ddpm: b
     evaluator = image_gen.FIDEvaluator(data_dir, 10000, torch.device("cpu"))
     conditional = state["config"]["class_conditional"]
     labels = image_gen.balanced_labels(fid_samples, None, "cpu") if conditional else None
-    configs = [("ddim", 20), ("ddim", 50), ("ddim", 100)] + ([] if skip_ddpm else [("ddpm", schedule.timesteps)])
-    for sampler, steps in configs:
-        args.sampler, args.sample_steps = sampler, steps
-        start = time.perf_counter()
-        fakes = image_gen.generate_in_batches(model, schedule, fid_samples, args,
-                                              torch.Generator().manual_seed(1), labels)
-        print(f"  FID-{fid_samples // 1000}k {sampler.upper()}-{steps}: {evaluator.score(fakes):6.2f}   "
-              f"(vs {evaluator.reference_size} MNIST test images, {evaluator.extractor}; "
-              f"{time.perf_counter() - start:.0f} s)")
+    configs = [("ddim", 20, 0.0), ("ddim", 50, 0.0), ("ddim", 100, 0.0), ("ddim", 50, 1.0)]
+    configs += [] if skip_ddpm else [("ddpm", schedule.timesteps, 0.0)]
+    score_samplers(model, schedule, args, evaluator, configs, fid_samples, labels)
     if not conditional:
         return
-    classifier = train_classifier(data_dir)
-    args.sampler, args.sample_steps = "ddim", 50
+    classifier, accuracy = train_classifier(data_dir)
+    print(f"  classifier: {accuracy:.2%} on the MNIST test set")
+    args.sampler, args.sample_steps, args.eta = "ddim", 50, 0.0
     for guidance in (1.0, 2.0):
         args.guidance_scale = guidance
         hits = []
