@@ -763,7 +763,7 @@ def save_denoising_gif(frames: list[torch.Tensor], path: Path, nrow: int) -> Non
     pictures = []
     for frame in frames:
         grid = Image.fromarray(make_grid(to_uint8(frame), nrow=nrow, padding=2, pad_value=255)[0].numpy())
-        pictures.append(grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST))
+        pictures.append(grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST))
     durations = [80] * (len(pictures) - 1) + [1500]  # hold the finished digits
     atomic_write(path, lambda tmp: pictures[0].save(tmp, save_all=True, append_images=pictures[1:],
                                                    duration=durations, loop=0))

@@ -189,7 +189,7 @@ def evaluate_checkpoint(path: str, data_dir: str, fid_samples: int, skip_ddpm: b
     evaluator = image_gen.FIDEvaluator(data_dir, 10000, torch.device("cpu"))
     conditional = state["config"]["class_conditional"]
     labels = image_gen.balanced_labels(fid_samples, None, "cpu") if conditional else None
-    configs = [("ddim", 20, 0.0), ("ddim", 50, 0.0), ("ddim", 100, 0.0), ("ddim", 50, 1.0)]
+    configs = [("ddim", 20, 0.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0)]
     configs += [] if skip_ddpm else [("ddpm", schedule.timesteps, 0.0)]
     score_samplers(model, schedule, args, evaluator, configs, fid_samples, labels)
     if not conditional:

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 import image_gen
-from conftest import run_script
+from conftest import ROOT, run_script
 
 TINY = ["--subset", "256", "--timesteps", "20", "--base_channels", "16", "--batch_size", "64",
         "--fid_reference_size", "48", "--seed", "3"]
@@ -275,3 +276,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path, mn
     assert result.returncode == 1, result.stderr[-2000:]
     assert "loss became" in result.stderr and "Traceback" not in result.stderr
     assert digest(checkpoint) == before
+
+
+# ----------------------------------------------------------------------------
+# The shipped pretrained model
+# ----------------------------------------------------------------------------
+def test_pretrained_model_draws_the_digit_asked_for(tmp_path, mnist_dir):
+    """From any folder, infer with no --checkpoint falls back to the shipped model; a classifier reads its 3s."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_image import train_classifier
+
+    result = run_script("image_gen.py", "--mode", "infer", "--sampler", "ddim", "--sample_steps", "50",
+                        "--digit", "3", "--num_samples", "20", "--data_dir", str(mnist_dir), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pretrained" in result.stdout
+    files = sorted((tmp_path / "results" / "samples").glob("*.png"))
+    assert len(files) == 20 and (tmp_path / "results" / "final_samples.png").is_file()
+    samples = torch.stack([torch.from_numpy(np.asarray(Image.open(f))) for f in files]).unsqueeze(1)
+    assert samples.shape == (20, 1, 28, 28)
+
+    torch.manual_seed(0)
+    classifier, accuracy = train_classifier(str(mnist_dir), epochs=2, train_images=20000)
+    assert accuracy > 0.95
+    with torch.no_grad():
+        read_as = classifier(samples).argmax(1)
+    assert (read_as == 3).float().mean() >= 0.9, read_as.tolist()
