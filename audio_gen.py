@@ -62,7 +62,7 @@ MIN_INPUT_SECONDS = 0.5
 SILENCE_PEAK = 1e-4
 FORMAT_VERSION = 2  # 2: residual autoencoder, per-step learning-rate schedule
 DEFAULT_CHECKPOINT = Path("models/audio_autoencoder.pt")
-PRETRAINED_CHECKPOINT = Path("models/pretrained/audio_autoencoder.pt")
+PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "pretrained" / "audio_autoencoder.pt"  # found from any cwd
 MUSDB_STEMS = ("vocals", "drums", "bass", "other", "mixture")
 STEMS = ("harmonic", *MUSDB_STEMS)  # harmonic = the original generator (440 Hz and its harmonics)
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus"}
@@ -743,6 +743,8 @@ def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[AudioAutoencoder, Aud
 
 def train(cfg: argparse.Namespace) -> None:
     checkpoint = Path(cfg.checkpoint or DEFAULT_CHECKPOINT)
+    if checkpoint.resolve() == PRETRAINED_CHECKPOINT:
+        raise UsageError(f"{checkpoint} is the shipped pretrained model; train into another --checkpoint")
     ckpt = None
     if cfg.resume:  # model and data settings come from the checkpoint; --epochs becomes the new total
         ckpt = load_checkpoint(checkpoint, resume=True)
@@ -796,6 +798,7 @@ def infer(cfg: argparse.Namespace) -> None:
     if cfg.checkpoint is None and not checkpoint.exists() and PRETRAINED_CHECKPOINT.exists():
         checkpoint = PRETRAINED_CHECKPOINT
     ckpt = load_checkpoint(checkpoint)
+    print(f"using checkpoint {checkpoint}" + (" (pretrained)" if checkpoint.resolve() == PRETRAINED_CHECKPOINT else ""))
     wav = read_audio(cfg.input) if cfg.input else None
     if wav is not None and wav.numel() < MIN_INPUT_SECONDS * SAMPLE_RATE:
         raise UsageError(f"audio file {cfg.input} lasts {wav.numel() / SAMPLE_RATE:.2f} s; at least {MIN_INPUT_SECONDS} s is needed")

@@ -231,3 +231,27 @@ def test_synthetic_stems_are_deterministic_and_sum_to_the_mixture():
     ag._hit(out, 12, np.ones(5))  # a hit scheduled past the clip's end adds nothing instead of failing
     ag._hit(out, 8, np.ones(5))
     assert out.tolist() == [0] * 8 + [1, 1]
+
+
+def test_pretrained_model_reconstructs_from_any_folder(tmp_path):
+    """Infer with no --checkpoint and no trained model falls back to the shipped one, wherever it is run."""
+    proc = ok(run("--mode", "infer", cwd=tmp_path))
+    assert "(pretrained)" in proc.stdout
+    results = tmp_path / "results"
+    for i in (0, 1):
+        reconstructed, rate = sf.read(results / f"audio_reconstructed_{i}.wav")
+        original, _ = sf.read(results / f"audio_original_{i}.wav")
+        assert rate == 16000 and reconstructed.shape == original.shape == (80000,)
+        assert np.abs(reconstructed).max() > 0.01
+    metrics = json.loads((results / "audio_metrics.json").read_text())["infer"]
+    assert metrics["mel"]["cosine"] > 0.95
+    assert (results / "inference_comparison.png").stat().st_size > 10000
+    assert not (tmp_path / "models").exists()  # nothing trained, nothing written beside the results
+
+
+def test_training_refuses_to_overwrite_the_pretrained_model(tmp_path):
+    pretrained = ROOT / "models" / "pretrained" / "audio_autoencoder.pt"
+    before = pretrained.read_bytes()
+    proc = run("--mode", "train", "--epochs", "1", *TINY, "--checkpoint", str(pretrained), cwd=tmp_path)
+    assert proc.returncode == 2 and "pretrained" in proc.stderr and "Traceback" not in proc.stderr
+    assert pretrained.read_bytes() == before
