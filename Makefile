@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) image_gen.py --mode train --epochs 2 --subset 30000 --sampler ddim --eta 1 \
 		--fid_samples 250 --fid_reference_size 1000 --num_samples 40
 	$(PY) image_gen.py --mode infer --num_samples 40 --checkpoint models/diffusion_model.pt
-	$(PY) audio_gen.py --mode train --epochs 10
+	$(PY) audio_gen.py --mode train --epochs 20 --num_samples 400 --batch_size 16 --learning_rate 2e-3
 	$(PY) audio_gen.py --mode infer --checkpoint models/audio_autoencoder.pt
 
 test: $(STAMP)
