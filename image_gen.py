@@ -896,7 +896,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
 
 
 def generate_final(model: nn.Module, schedule: NoiseSchedule, config: dict, args: argparse.Namespace,
-                   device: torch.device, results: Path) -> torch.Tensor:
+                   device: torch.device, results: Path) -> None:
     """final_samples.png, denoising.gif and one PNG per sample, from a fixed seed."""
     conditional = config["class_conditional"]
     labels = balanced_labels(args.num_samples, args.digit, device) if conditional else None
@@ -910,7 +910,6 @@ def generate_final(model: nn.Module, schedule: NoiseSchedule, config: dict, args
     save_grid(images, results / "final_samples.png", nrow, f"{args.num_samples} samples, {steps}")
     save_denoising_gif(frames, results / "denoising.gif", nrow)
     save_individual_samples(images, results / "samples")
-    return images
 
 
 def infer(args: argparse.Namespace, device: torch.device) -> None:
