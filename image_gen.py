@@ -188,6 +188,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 # ----------------------------------------------------------------------------
 # Data: MNIST, offline first
 # ----------------------------------------------------------------------------
+MNIST_TEST_SIZE = 10000
 IDX_FILES = {  # torchvision's raw layout: DIR/MNIST/raw/<name>
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -680,13 +681,13 @@ class FIDEvaluator:
         self.metric = FrechetInceptionDistance(feature=feature, reset_real_features=False).to(device)
         self.device = device
         tag = "tfinception" if isinstance(feature, nn.Module) else "torchmetrics"
-        cache = Path(data_dir) / f"fid_reference_mnist_test_{reference_size}_{tag}.pt"
-        images, _ = load_mnist(data_dir, "test")
-        self.reference_size = min(reference_size, len(images))
+        self.reference_size = min(reference_size, MNIST_TEST_SIZE)
+        cache = Path(data_dir) / f"fid_reference_mnist_test_{self.reference_size}_{tag}.pt"
         if rank == 0:
             if cache.is_file():
                 stats = torch.load(cache, map_location="cpu", weights_only=True)
             else:
+                images, _ = load_mnist(data_dir, "test")
                 for batch in tqdm(images[:self.reference_size].split(100), desc="FID reference statistics"):
                     self.update(batch.unsqueeze(1), real=True)
                 stats = {name: getattr(self.metric, name) for name in
