@@ -60,7 +60,7 @@ TIME_STRIDE = 16  # the encoder halves time four times
 LOG_FLOOR = 1e-8  # log(max(mel, floor)): silence sits ~100 dB below loud bins instead of at -inf
 MIN_INPUT_SECONDS = 0.5
 SILENCE_PEAK = 1e-4
-FORMAT_VERSION = 2  # 2: residual autoencoder, per-step learning-rate schedule
+FORMAT_VERSION = 3  # 2: residual autoencoder, per-step learning-rate schedule; 3: + linear patch path (PCA-initialised)
 DEFAULT_CHECKPOINT = Path("models/audio_autoencoder.pt")
 PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "pretrained" / "audio_autoencoder.pt"  # found from any cwd
 MUSDB_STEMS = ("vocals", "drums", "bass", "other", "mixture")
@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim = p.add_argument_group("training")
     optim.add_argument("--epochs", type=int, default=30, help="total epochs (with --resume: the total to reach)")
     optim.add_argument("--batch_size", type=int, default=32, help="clips per batch (per process under torchrun)")
-    optim.add_argument("--learning_rate", type=float, default=1e-3, help="Adam peak learning rate: 100-step warm-up, then cosine decay to 5%% over --epochs")
+    optim.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW peak learning rate: 100-step warm-up, then cosine decay to 5%% over --epochs")
+    optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on weight matrices and kernels (not biases, norms)")
     recon = p.add_argument_group("reconstruction")
     recon.add_argument("--griffin_lim_iters", type=int, default=32, help="Griffin-Lim iterations (momentum 0.99)")
     recon.add_argument("--inverse", choices=["nnls", "torchaudio"], default="nnls",
@@ -116,6 +117,8 @@ def validate(cfg: argparse.Namespace) -> None:
         raise UsageError("--num_samples must be at least 2 (one clip is held out for validation)")
     if not cfg.learning_rate > 0:
         raise UsageError(f"--learning_rate must be positive, got {cfg.learning_rate}")
+    if not cfg.weight_decay >= 0:
+        raise UsageError(f"--weight_decay must be zero or positive, got {cfg.weight_decay}")
     if cfg.audio_dir and cfg.musdb_root:
         raise UsageError("give --audio_dir or --musdb_root, not both")
     if cfg.musdb_root and cfg.stem == "harmonic":
@@ -398,6 +401,11 @@ class AudioAutoencoder(nn.Module):
     A 3-tap conv lifts the mel bins to `hidden` channels, and a residual block follows each of the
     first three strided layers in the encoder and each of the first three in the decoder; all of
     them keep the time length, so the latent is still latent_dim numbers per 16 mel frames.
+    Beside this convolutional path runs a linear one over 16-frame patches (one Linear layer each
+    way), the family that PCA with the same latent budget draws from: the latent is the sum of both
+    encoders' outputs, the reconstruction the sum of both decoders'. The last layer of each
+    convolutional path starts at zero, so after init_linear_path the model starts as the training
+    set's PCA and the convolutional path learns what PCA misses.
     """
 
     def __init__(self, n_mels: int = 128, latent_dim: int = 64, hidden: int = 192):
@@ -418,10 +426,43 @@ class AudioAutoencoder(nn.Module):
             up(hidden, hidden), nn.GELU(),  # T
             nn.Conv1d(hidden, n_mels, kernel_size=3, padding=1),
         )
+        self.patch_encoder = nn.Linear(n_mels * TIME_STRIDE, latent_dim)
+        self.patch_decoder = nn.Linear(latent_dim, n_mels * TIME_STRIDE)
+        for layer in (self.encoder[-1], self.decoder[-1]):
+            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        z = self.encoder(mel)  # (B, n_mels, T) -> (B, latent_dim, T/16)
-        return self.decoder(z)  # -> (B, n_mels, T)
+        B, C, T = mel.shape
+        z = self.encoder(mel) + self.patch_encoder(to_patches(mel)).transpose(1, 2)  # (B, n_mels, T) -> (B, latent_dim, T/16)
+        linear = from_patches(self.patch_decoder(z.transpose(1, 2)), C)  # (B, T/16, n_mels*16) -> (B, n_mels, T)
+        return self.decoder(z) + linear
+
+    @torch.no_grad()
+    def init_linear_path(self, mels: torch.Tensor) -> None:
+        """Set the linear path to the PCA of the 16-frame patches of mels (N, n_mels, T): z = V (x - mu), x^ = V^T z + mu,
+        V the top latent_dim eigenvectors of the patch covariance (the convolutional path adds zero until it trains)."""
+        dim = self.patch_encoder.in_features
+        total, outer, count = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64), 0
+        for batch in mels.split(64):  # the covariance is summed in chunks: all patches at once can take a GB
+            x = to_patches(batch.cpu()).reshape(-1, dim).double()
+            total, outer, count = total + x.sum(0), outer + x.T @ x, count + len(x)
+        mu = total / count
+        cov = outer / count - torch.outer(mu, mu)
+        V = torch.linalg.eigh(cov).eigenvectors[:, -self.patch_encoder.out_features:].T  # (latent_dim, n_mels*16)
+        self.patch_encoder.weight.copy_(V), self.patch_encoder.bias.copy_(-V @ mu)
+        self.patch_decoder.weight.copy_(V.T), self.patch_decoder.bias.copy_(mu)
+
+
+def to_patches(mel: torch.Tensor) -> torch.Tensor:
+    """(B, n_mels, T) -> (B, T/16, n_mels*16): one row per 16-frame patch, bin-major."""
+    B, C, T = mel.shape
+    return mel.reshape(B, C, T // TIME_STRIDE, TIME_STRIDE).transpose(1, 2).reshape(B, T // TIME_STRIDE, C * TIME_STRIDE)
+
+
+def from_patches(patches: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """(B, T/16, n_mels*16) -> (B, n_mels, T), the inverse of to_patches."""
+    B, P, _ = patches.shape
+    return patches.reshape(B, P, n_mels, TIME_STRIDE).transpose(1, 2).reshape(B, n_mels, P * TIME_STRIDE)
 
 
 # ----------------------------------------------------------------------------
@@ -504,6 +545,13 @@ def fit_normalisation(dataset: Dataset, pre: AudioPreprocessor, batch_size: int)
         total, total_sq, count = total + lm.sum().item(), total_sq + (lm**2).sum().item(), count + lm.numel()
     mean = total / count
     return mean, max(math.sqrt(max(total_sq / count - mean**2, 0.0)), 1e-3)
+
+
+@torch.no_grad()
+def log_mels(dataset: Dataset, pre: AudioPreprocessor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Clips -> normalised log-mels (N, n_mels, T), computed once before training: the STFT would otherwise cost a
+    quarter of every training step, and a mel holds 2.5x fewer numbers than its waveform."""
+    return torch.cat([pre(wav.to(device)) for wav in DataLoader(dataset, batch_size=batch_size)])
 
 
 # ----------------------------------------------------------------------------
@@ -618,7 +666,7 @@ class TrainingDiverged(Exception):
 
 
 class AudioTrainer:
-    """MSE on normalised log-mels, Adam with warm-up then cosine decay per step, gradient clipping, a checkpoint per epoch."""
+    """MSE on normalised log-mels, AdamW with warm-up then cosine decay per step, gradient clipping, a checkpoint per epoch."""
 
     WARMUP_STEPS = 100
 
@@ -627,7 +675,12 @@ class AudioTrainer:
         self.cfg, self.pre, self.device, self.rank, self.world_size = cfg, pre, device, rank, world_size
         self.model = model
         self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+        # weight decay on matrices and kernels only; it kept the convolutional path from memorising the training
+        # clips' noise on the stationary harmonic set, where held-out MSE otherwise rose above PCA's
+        params = list(model.parameters())
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
         # linear warm-up, then cosine from lr to lr/20 over --epochs; a lambda of the step (not T_max state)
         # so --resume with a larger --epochs stretches the remaining decay
         total = max(1, cfg.epochs * steps_per_epoch)
@@ -656,8 +709,8 @@ class AudioTrainer:
     def train_epoch(self, loader: DataLoader) -> float:
         self.ddp.train()
         total, count = torch.zeros(2, device=self.device), 0
-        for wav in tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, disable=self.rank != 0):
-            mel = self.pre(wav.to(self.device))  # (B, L) -> (B, n_mels, 256)
+        for mel in tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, disable=self.rank != 0):
+            mel = mel.to(self.device)  # (B, n_mels, 256)
             loss = F.mse_loss(self.ddp(mel), mel)
             finite = torch.isfinite(loss).float()
             if self.world_size > 1:  # every rank must agree to stop, or the others hang in all-reduce
@@ -669,15 +722,16 @@ class AudioTrainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0)
             self.optimizer.step()
             self.scheduler.step()
-            total += torch.stack([loss.detach() * len(wav), torch.tensor(float(len(wav)), device=self.device)])
+            total += torch.stack([loss.detach() * len(mel), torch.tensor(float(len(mel)), device=self.device)])
             count += 1
         if self.world_size > 1:
             dist.all_reduce(total)
         return (total[0] / total[1]).item()
 
-    def fit(self, train_set: Dataset, val_set: Dataset, checkpoint: Path) -> None:
-        sampler = DistributedSampler(train_set, seed=self.cfg.seed) if self.world_size > 1 else None
-        loader = DataLoader(train_set, batch_size=self.cfg.batch_size, shuffle=sampler is None, sampler=sampler)
+    def fit(self, train_mels: torch.Tensor, val_mels: torch.Tensor, checkpoint: Path) -> None:
+        """Train on normalised log-mels (N, n_mels, T) to --epochs, scoring val_mels and saving after every epoch."""
+        sampler = DistributedSampler(train_mels, seed=self.cfg.seed) if self.world_size > 1 else None
+        loader = DataLoader(train_mels, batch_size=self.cfg.batch_size, shuffle=sampler is None, sampler=sampler)
         while self.epoch < self.cfg.epochs:
             if sampler is not None:
                 sampler.set_epoch(self.epoch)
@@ -685,7 +739,7 @@ class AudioTrainer:
             train_loss = self.train_epoch(loader)
             self.epoch += 1
             if self.rank == 0:  # rank 0 alone scores and writes; the others wait at the barrier
-                val = self.validation_mel_metrics(val_set)
+                val = self.validation_mel_metrics(val_mels)
                 for k, v in [("train_loss", train_loss), ("lr", lr)] + [(f"val_{k}", v) for k, v in val.items()]:
                     self.history[k].append(v)
                 atomic_write(checkpoint, lambda tmp: torch.save(self.state(), tmp))
@@ -695,16 +749,15 @@ class AudioTrainer:
                 dist.barrier()
 
     @torch.no_grad()
-    def validation_mel_metrics(self, val_set: Dataset) -> dict[str, float]:
+    def validation_mel_metrics(self, val_mels: torch.Tensor) -> dict[str, float]:
         self.model.eval()
-        pairs = [(mel, self.model(mel)) for mel in (self.pre(w.to(self.device)) for w in DataLoader(val_set, self.cfg.batch_size))]
-        return mel_metrics(torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs]), self.pre)
+        return mel_metrics(val_mels, torch.cat([self.model(mel) for mel in val_mels.split(self.cfg.batch_size)]), self.pre)
 
 
 def checkpoint_config(cfg: argparse.Namespace) -> dict:
     """The settings infer and resume need, as plain types (weights_only loading accepts nothing else)."""
     keys = ("n_mels", "latent_dim", "hidden_channels", "stem", "seed", "num_samples", "audio_dir", "musdb_root",
-            "batch_size", "learning_rate", "epochs")
+            "batch_size", "learning_rate", "weight_decay", "epochs")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -724,7 +777,8 @@ def load_checkpoint(path: Path, resume: bool = False) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "audio_autoencoder" or not required <= ckpt.keys():
         raise UsageError(f"checkpoint {path} is not an audio_gen.py autoencoder checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
-        raise UsageError(f"checkpoint {path} has format version {ckpt.get('format_version')}; this script reads {FORMAT_VERSION}")
+        raise UsageError(f"checkpoint {path} has format version {ckpt.get('format_version')} (an older audio_gen.py); "
+                         f"this script reads version {FORMAT_VERSION}: train a new one")
     if resume and not {"optimizer", "scheduler", "history"} <= ckpt.keys():
         raise UsageError(f"checkpoint {path} holds weights only (no optimizer state): it can be used for infer, not --resume")
     return ckpt
@@ -763,6 +817,9 @@ def train(cfg: argparse.Namespace) -> None:
         model = AudioAutoencoder(cfg.n_mels, cfg.latent_dim, cfg.hidden_channels)
         pre = AudioPreprocessor(cfg.n_mels, *fit_normalisation(train_set, AudioPreprocessor(cfg.n_mels), cfg.batch_size))
     model, pre = model.to(device), pre.to(device)
+    train_mels, val_mels = log_mels(train_set, pre, cfg.batch_size, device), log_mels(val_set, pre, cfg.batch_size, device)
+    if ckpt is None:
+        model.init_linear_path(train_mels)  # start from PCA's reconstruction; the same on every rank
     seed_everything(cfg.seed + rank)  # per-rank randomness from here on (shuffles, Griffin-Lim phases)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world_size) / cfg.batch_size)  # DistributedSampler pads evenly
     trainer = AudioTrainer(model, pre, cfg, device, rank, world_size, steps_per_epoch)
@@ -775,7 +832,7 @@ def train(cfg: argparse.Namespace) -> None:
         print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; mel {cfg.n_mels}x{frames} -> latent "
               f"{cfg.latent_dim}x{frames // TIME_STRIDE}: compression ratio {ratio:.1f}x; device {device}, {world_size} process(es)")
     try:
-        trainer.fit(train_set, val_set, checkpoint)
+        trainer.fit(train_mels, val_mels, checkpoint)
     except TrainingDiverged as e:
         kept = f"the checkpoint of epoch {trainer.epoch} is kept at {checkpoint}" if checkpoint.exists() else "no checkpoint was written"
         raise TrainingDiverged(f"{e}; training stopped, {kept}") from None

@@ -47,7 +47,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--val_clips", type=int, default=24, help="5-s held-out clips per set")
     p.add_argument("--epochs", type=int, default=40, help="autoencoder epochs over the training clips")
     p.add_argument("--batch_size", type=int, default=16, help="autoencoder batch size")
-    p.add_argument("--learning_rate", type=float, default=2e-3, help="autoencoder peak learning rate (warm-up, cosine)")
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="autoencoder peak learning rate (warm-up, cosine)")
+    p.add_argument("--weight_decay", type=float, default=0.05, help="autoencoder AdamW weight decay")
     p.add_argument("--hidden_channels", type=int, default=192, help="autoencoder hidden channels")
     p.add_argument("--latent_dim", type=int, default=64, help="latent channels per 16 frames = PCA components per 16-frame patch")
     p.add_argument("--checkpoint", default=None,
@@ -89,17 +90,23 @@ def load_set(name: str, cfg: argparse.Namespace, workdir: Path) -> tuple[torch.T
 
 
 def train_autoencoder(train: torch.Tensor, val: torch.Tensor, cfg: argparse.Namespace, workdir: Path) -> tuple:
-    """The project's own AudioTrainer on these clips (a tensor is a Dataset of clips)."""
-    tcfg = argparse.Namespace(epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed,
+    """The project's own training on these clips, as audio_gen.py's train() does it: normalisation fitted on the training
+    clips, mels computed once, linear path set to their PCA, then AudioTrainer. Returns (model, preprocessor,
+    training mels, held-out mels, seconds)."""
+    tcfg = argparse.Namespace(epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                              weight_decay=cfg.weight_decay, seed=cfg.seed,
                               n_mels=128, latent_dim=cfg.latent_dim, hidden_channels=cfg.hidden_channels, stem="bench",
                               num_samples=len(train), audio_dir=None, musdb_root=None)
     ag.seed_everything(cfg.seed)
     pre = ag.AudioPreprocessor(128, *ag.fit_normalisation(train, ag.AudioPreprocessor(128), cfg.batch_size))
     model = ag.AudioAutoencoder(128, cfg.latent_dim, cfg.hidden_channels)
-    trainer = ag.AudioTrainer(model, pre, tcfg, torch.device("cpu"), 0, 1, steps_per_epoch=-(-len(train) // cfg.batch_size))
     start = time.perf_counter()
-    trainer.fit(train, val, workdir / "ae.pt")
-    return model.eval(), pre, time.perf_counter() - start
+    cpu = torch.device("cpu")
+    train_mel, val_mel = ag.log_mels(train, pre, 64, cpu), ag.log_mels(val, pre, 64, cpu)
+    model.init_linear_path(train_mel)
+    trainer = ag.AudioTrainer(model, pre, tcfg, cpu, 0, 1, steps_per_epoch=-(-len(train) // cfg.batch_size))
+    trainer.fit(train_mel, val_mel, workdir / "ae.pt")
+    return model.eval(), pre, train_mel, val_mel, time.perf_counter() - start
 
 
 def pca_reconstruct(train_mel: torch.Tensor, val_mel: torch.Tensor, k: int) -> torch.Tensor:
@@ -193,9 +200,8 @@ def main() -> None:
         for name in sets:
             train, val, desc = load_set(name, cfg, workdir)
             print(f"\n== {desc}: {len(train)} training / {len(val)} held-out 5-s clips", flush=True)
-            model, pre, seconds = train_autoencoder(train, val, cfg, workdir)
+            model, pre, train_mel, val_mel, seconds = train_autoencoder(train, val, cfg, workdir)
             with torch.no_grad():
-                train_mel, val_mel = pre(train), pre(val)
                 ae_mel, pca_mel = model(val_mel), pca_reconstruct(train_mel, val_mel, cfg.latent_dim)
             ae, pca = ag.mel_metrics(val_mel, ae_mel, pre), ag.mel_metrics(val_mel, pca_mel, pre)
             rows.append((desc, ae, pca, seconds))

@@ -132,6 +132,24 @@ def test_metrics_on_identical_inputs_and_on_noise():
     assert silent["pesq_wb"] == "n/a"  # PESQ finds no utterance in silence: reported, not raised
 
 
+def test_linear_path_starts_as_pca_of_the_training_patches():
+    """After init_linear_path the autoencoder's output is the PCA reconstruction (top latent_dim components of the
+    16-frame patches, fitted here independently by SVD), on mels it was not fitted on too."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(6, 16, 32, generator=g)  # low-rank structure plus noise, so the top components are well separated
+    train, held_out = (torch.einsum("nk,kct->nct", torch.randn(n, 6, generator=g), basis) + 0.1 * torch.randn(n, 16, 32, generator=g)
+                       for n in (40, 5))
+    model = ag.AudioAutoencoder(n_mels=16, latent_dim=8, hidden=8)
+    model.init_linear_path(train)
+    X = ag.to_patches(train).reshape(-1, 16 * 16).double()
+    mu = X.mean(0)
+    V = torch.linalg.svd(X - mu, full_matrices=False).Vh[:8]
+    expected = ag.from_patches(((ag.to_patches(held_out).double() - mu) @ V.T @ V + mu).float(), 16)
+    with torch.no_grad():
+        assert torch.allclose(model(held_out), expected, atol=1e-4)
+    assert torch.equal(ag.from_patches(ag.to_patches(held_out), 16), held_out)
+
+
 def test_input_48k_stereo_odd_length(trained, tmp_path):
     n = 48_000 * 3 + 4801  # 3.1 s plus one odd sample
     t = np.arange(n) / 48_000
@@ -179,6 +197,7 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
     (tmp / "garbage.wav").write_bytes(b"RIFF not really a wave file")
     (tmp / "corrupt.pt").write_bytes(b"\x80\x02 torn checkpoint")
     torch.save({"kind": "ddpm", "format_version": 1, "model": {}}, tmp / "foreign.pt")
+    torch.save({**torch.load(good_ckpt, weights_only=True), "format_version": 2}, tmp / "old.pt")
     (tmp / "no_audio").mkdir()
     (tmp / "no_audio" / "notes.txt").write_text("no audio here")
     infer = ["--mode", "infer", "--checkpoint", str(good_ckpt)]
@@ -187,6 +206,7 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
         "missing checkpoint": ["--mode", "infer", "--checkpoint", str(tmp / "absent.pt")],
         "corrupt checkpoint": ["--mode", "infer", "--checkpoint", str(tmp / "corrupt.pt")],
         "incompatible checkpoint": ["--mode", "infer", "--checkpoint", str(tmp / "foreign.pt")],
+        "checkpoint of an older format": ["--mode", "infer", "--checkpoint", str(tmp / "old.pt")],
         "resume from incompatible checkpoint": ["--mode", "train", "--resume", "--epochs", "5", "--checkpoint", str(tmp / "foreign.pt")],
         "unreadable audio": [*infer, "--input", str(tmp / "garbage.wav")],
         "missing audio": [*infer, "--input", str(tmp / "absent.wav")],
