@@ -665,8 +665,21 @@ class TrainingDiverged(Exception):
     """A non-finite loss: training stops, the last good checkpoint stays."""
 
 
+def random_shift(mel: torch.Tensor) -> torch.Tensor:
+    """(B, n_mels, T) -> (B, n_mels, T - 16), each clip cut from its own random frame offset in [0, 16].
+
+    A 16-frame patch then never repeats exactly from epoch to epoch. Without it, the model learned to reproduce
+    the training clips' own noise: on the stationary harmonic set its held-out MSE rose above PCA's while the training
+    MSE kept falling.
+    """
+    B, C, T = mel.shape
+    frames = torch.arange(T - TIME_STRIDE, device=mel.device) + torch.randint(0, TIME_STRIDE + 1, (B, 1), device=mel.device)
+    return mel.gather(2, frames[:, None, :].expand(B, C, T - TIME_STRIDE))
+
+
 class AudioTrainer:
-    """MSE on normalised log-mels, AdamW with warm-up then cosine decay per step, gradient clipping, a checkpoint per epoch."""
+    """MSE on randomly shifted normalised log-mels, AdamW with warm-up then cosine decay per step, gradient clipping,
+    a checkpoint per epoch."""
 
     WARMUP_STEPS = 100
 
@@ -675,8 +688,7 @@ class AudioTrainer:
         self.cfg, self.pre, self.device, self.rank, self.world_size = cfg, pre, device, rank, world_size
         self.model = model
         self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
-        # weight decay on matrices and kernels only; it kept the convolutional path from memorising the training
-        # clips' noise on the stationary harmonic set, where held-out MSE otherwise rose above PCA's
+        # weight decay on matrices and kernels only, against memorising the training clips (see random_shift)
         params = list(model.parameters())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -710,7 +722,7 @@ class AudioTrainer:
         self.ddp.train()
         total, count = torch.zeros(2, device=self.device), 0
         for mel in tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, disable=self.rank != 0):
-            mel = mel.to(self.device)  # (B, n_mels, 256)
+            mel = random_shift(mel.to(self.device))  # (B, n_mels, 256) -> (B, n_mels, 240)
             loss = F.mse_loss(self.ddp(mel), mel)
             finite = torch.isfinite(loss).float()
             if self.world_size > 1:  # every rank must agree to stop, or the others hang in all-reduce

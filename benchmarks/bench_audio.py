@@ -8,7 +8,9 @@ training clips and scored on held-out clips:
     started from the original mel);
 and the time to reconstruct one 5-s clip (encode, decode, mel inverse, 32 Griffin-Lim iterations) on one thread.
 PCA baseline: the mel is cut into 16-frame patches (n_mels x 16 numbers) and each is kept as its top 64
-principal components: the 64 numbers per 16 frames the autoencoder's latent holds.
+principal components: the 64 numbers per 16 frames the autoencoder's latent holds. The autoencoder's linear patch
+path starts as this same PCA (audio_gen.py's init_linear_path), so the margin measures what training it together with
+the convolutional path adds.
 
 Speech is synthesised with Debian's espeak-ng (apt-get install espeak-ng), or read from --wav_dir.
 
@@ -180,6 +182,7 @@ def score_checkpoint(path: Path, cfg: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    start = time.perf_counter()
     cfg = parse_args()
     torch.set_num_threads(cfg.threads)
     if cfg.checkpoint:
@@ -232,6 +235,7 @@ def main() -> None:
     if timing:
         print(f"\n5-s clip reconstructed (encode, decode, NNLS mel inverse, 32 Griffin-Lim iterations) on 1 thread: "
               f"{timing[0] * 1000:.0f} ms (Griffin-Lim alone {timing[1] * 1000:.0f} ms), median of 7")
+    print(f"\nbenchmark wall time: {(time.perf_counter() - start) / 60:.1f} min")
 
 
 if __name__ == "__main__":

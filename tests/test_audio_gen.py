@@ -150,6 +150,16 @@ def test_linear_path_starts_as_pca_of_the_training_patches():
     assert torch.equal(ag.from_patches(ag.to_patches(held_out), 16), held_out)
 
 
+def test_random_shift_cuts_each_clip_from_its_own_offset():
+    mel = torch.arange(3 * 2 * 64, dtype=torch.float32).reshape(3, 2, 64)
+    torch.manual_seed(0)
+    out = ag.random_shift(mel)
+    assert out.shape == (3, 2, 48)
+    for clip, shifted in zip(mel, out):
+        offset = int(shifted[0, 0] - clip[0, 0])
+        assert 0 <= offset <= 16 and torch.equal(shifted, clip[:, offset : offset + 48])
+
+
 def test_input_48k_stereo_odd_length(trained, tmp_path):
     n = 48_000 * 3 + 4801  # 3.1 s plus one odd sample
     t = np.arange(n) / 48_000
