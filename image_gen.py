@@ -360,6 +360,25 @@ class DiffusionModel(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # [B, 1, 28, 28]
 
 
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def mixed_precision(device: torch.device) -> torch.autocast:
+    """bf16 autocast where the hardware does bf16 matrix maths natively, for training and sampling alike.
+
+    About 2x faster on such a CPU; the rounding (~0.2 %) is far below the network's own error.
+    """
+    native = (device.type == "cuda" and torch.cuda.is_bf16_supported()
+              or device.type == "cpu" and torch.backends.mkldnn.is_available() and cpu_has_bf16())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=native)
+
+
 # ----------------------------------------------------------------------------
 # Diffusion maths: noise schedule, forward process, samplers
 # ----------------------------------------------------------------------------
@@ -398,10 +417,12 @@ class NoiseSchedule(nn.Module):
 def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                   guidance_scale: float) -> torch.Tensor:
     """eps_theta, with classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond) (Ho & Salimans 2022)."""
-    if labels is None or guidance_scale == 1.0:
-        return model(x, t, labels)
-    null = torch.full_like(labels, DiffusionModel.NULL_LABEL)
-    eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+    with mixed_precision(x.device):
+        if labels is None or guidance_scale == 1.0:
+            return model(x, t, labels).float()
+        null = torch.full_like(labels, DiffusionModel.NULL_LABEL)
+        eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float()
+    eps_cond, eps_uncond = eps.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
@@ -509,10 +530,6 @@ class DiffusionTrainer:
             network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
         self.network = torch.compile(network) if args.compile else network
-        # bf16 autocast where the hardware does bf16 matrix maths natively; fp32 elsewhere.
-        self.autocast_dtype = torch.bfloat16 if (
-            device.type == "cuda" and torch.cuda.is_bf16_supported()
-            or device.type == "cpu" and torch.backends.mkldnn.is_available() and cpu_has_bf16()) else None
 
     def loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), device=self.device)
@@ -521,8 +538,7 @@ class DiffusionTrainer:
         if self.model.class_conditional:  # drop labels so the same network learns the unconditional eps too
             drop = torch.rand(labels.shape, device=self.device) < self.args.label_dropout
             labels = labels.masked_fill(drop, DiffusionModel.NULL_LABEL)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with mixed_precision(self.device):
             predicted = self.network(x_t, t, labels if self.model.class_conditional else None)
         return F.mse_loss(predicted.float(), noise)
 
@@ -588,15 +604,6 @@ class DiffusionTrainer:
 
 class TrainingDiverged(Exception):
     """The loss stopped being a finite number; the last checkpoint on disk is the last good one."""
-
-
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ----------------------------------------------------------------------------
