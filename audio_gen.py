@@ -692,7 +692,9 @@ class AudioTrainer:
         params = list(model.parameters())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+        # beta2 0.99, not 0.999: the second-moment estimate then keeps up when gradients grow as the zero-initialised
+        # convolutional path wakes; with 0.999 the harmonic set's held-out MSE jumped to 0.14 as the warm-up ended
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99))
         # linear warm-up, then cosine from lr to lr/20 over --epochs; a lambda of the step (not T_max state)
         # so --resume with a larger --epochs stretches the remaining decay
         total = max(1, cfg.epochs * steps_per_epoch)
