@@ -1,6 +1,6 @@
 """Speed and quality of image_gen.py on this machine; prints figures, asserts nothing.
 
-    .venv/bin/python benchmarks/bench_image.py                       # everything (~45 min on 1 CPU thread)
+    .venv/bin/python benchmarks/bench_image.py                       # everything (~50 min on 1 CPU thread)
     .venv/bin/python benchmarks/bench_image.py --only speed          # training and sampling speed (~2 min)
     .venv/bin/python benchmarks/bench_image.py --budget_minutes 12 --skip_ddpm_fid
     .venv/bin/python benchmarks/bench_image.py --only checkpoint --checkpoint models/pretrained/diffusion_model.pt
