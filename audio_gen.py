@@ -432,9 +432,8 @@ class AudioAutoencoder(nn.Module):
             nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        B, C, T = mel.shape
         z = self.encoder(mel) + self.patch_encoder(to_patches(mel)).transpose(1, 2)  # (B, n_mels, T) -> (B, latent_dim, T/16)
-        linear = from_patches(self.patch_decoder(z.transpose(1, 2)), C)  # (B, T/16, n_mels*16) -> (B, n_mels, T)
+        linear = from_patches(self.patch_decoder(z.transpose(1, 2)), mel.shape[1])  # (B, T/16, n_mels*16) -> (B, n_mels, T)
         return self.decoder(z) + linear
 
     @torch.no_grad()
@@ -502,8 +501,11 @@ class AudioPreprocessor(nn.Module):
     def log_mel(self, wav: torch.Tensor) -> torch.Tensor:
         return torch.log(self.mel(wav).clamp(min=LOG_FLOOR))  # (B, L) -> (B, n_mels, 1 + L // HOP)
 
+    def normalise(self, log_mel: torch.Tensor) -> torch.Tensor:
+        return (log_mel - self.mean) / self.std
+
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        return (self.log_mel(wav) - self.mean) / self.std
+        return self.normalise(self.log_mel(wav))
 
     def mel_power(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised log-mel -> mel power spectrogram (undo the normalisation, then the log)."""
@@ -537,21 +539,22 @@ class AudioPreprocessor(nn.Module):
 
 
 @torch.no_grad()
-def fit_normalisation(dataset: Dataset, pre: AudioPreprocessor, batch_size: int) -> tuple[float, float]:
-    """Mean and std of log-mel over the whole training set (same on every rank: the data is deterministic)."""
-    total, total_sq, count = 0.0, 0.0, 0
-    for wav in DataLoader(dataset, batch_size=batch_size):
-        lm = pre.log_mel(wav).double()
-        total, total_sq, count = total + lm.sum().item(), total_sq + (lm**2).sum().item(), count + lm.numel()
-    mean = total / count
-    return mean, max(math.sqrt(max(total_sq / count - mean**2, 0.0)), 1e-3)
-
-
 @torch.no_grad()
 def log_mels(dataset: Dataset, pre: AudioPreprocessor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Clips -> normalised log-mels (N, n_mels, T), computed once before training: the STFT would otherwise cost a
-    quarter of every training step, and a mel holds 2.5x fewer numbers than its waveform."""
-    return torch.cat([pre(wav.to(device)) for wav in DataLoader(dataset, batch_size=batch_size)])
+    """Clips -> log-mels (N, n_mels, T), not yet normalised, computed once before training: the STFT would otherwise
+    cost a quarter of every training step, and a mel holds 2.5x fewer numbers than its waveform."""
+    return torch.cat([pre.log_mel(wav.to(device)) for wav in DataLoader(dataset, batch_size=batch_size)])
+
+
+def fit_normalisation(train_log_mels: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of the training log-mels (same on every rank: the data is deterministic), summed in float64."""
+    total, total_sq = 0.0, 0.0
+    for chunk in train_log_mels.split(64):
+        x = chunk.double()
+        total, total_sq = total + x.sum().item(), total_sq + (x**2).sum().item()
+    count = train_log_mels.numel()
+    mean = total / count
+    return mean, max(math.sqrt(max(total_sq / count - mean**2, 0.0)), 1e-3)
 
 
 # ----------------------------------------------------------------------------
@@ -828,10 +831,12 @@ def train(cfg: argparse.Namespace) -> None:
     if ckpt is not None:
         model, pre = model_from_checkpoint(ckpt, checkpoint)
     else:
-        model = AudioAutoencoder(cfg.n_mels, cfg.latent_dim, cfg.hidden_channels)
-        pre = AudioPreprocessor(cfg.n_mels, *fit_normalisation(train_set, AudioPreprocessor(cfg.n_mels), cfg.batch_size))
+        model, pre = AudioAutoencoder(cfg.n_mels, cfg.latent_dim, cfg.hidden_channels), AudioPreprocessor(cfg.n_mels)
     model, pre = model.to(device), pre.to(device)
     train_mels, val_mels = log_mels(train_set, pre, cfg.batch_size, device), log_mels(val_set, pre, cfg.batch_size, device)
+    if ckpt is None:
+        pre = AudioPreprocessor(cfg.n_mels, *fit_normalisation(train_mels)).to(device)
+    train_mels, val_mels = pre.normalise(train_mels), pre.normalise(val_mels)
     if ckpt is None:
         model.init_linear_path(train_mels)  # start from PCA's reconstruction; the same on every rank
     seed_everything(cfg.seed + rank)  # per-rank randomness from here on (shuffles, Griffin-Lim phases)

