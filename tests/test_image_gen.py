@@ -81,8 +81,8 @@ def test_q_sample_has_the_forward_process_statistics():
     assert x_t.var().item() == pytest.approx(1 - alpha_bar, abs=0.02)
 
 
-class OracleNoise(torch.nn.Module):
-    """The exact eps for a known x_0: a perfect denoiser, so a correct sampler must return x_0."""
+class OracleDenoiser(torch.nn.Module):
+    """The exact eps (or v) for a known x_0: a perfect denoiser, so a correct sampler must return x_0."""
 
     def __init__(self, schedule, x0):
         super().__init__()
@@ -90,17 +90,29 @@ class OracleNoise(torch.nn.Module):
 
     def forward(self, x, t, labels=None):
         a = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return self.schedule.training_target(self.x0, t, eps)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 0, 0.0), ("ddim", 25, 0.0), ("ddim", 10, 1.0)])
-def test_samplers_recover_x0_from_a_perfect_denoiser(sampler, steps, eta):
-    schedule = image_gen.NoiseSchedule(100)
+def test_samplers_recover_x0_from_a_perfect_denoiser(sampler, steps, eta, prediction):
+    schedule = image_gen.NoiseSchedule(100, prediction=prediction)
     x0 = torch.rand(4, 1, 28, 28) * 2 - 1
-    out = image_gen.sample(OracleNoise(schedule, x0), schedule, 4, sampler=sampler, steps=steps or 1, eta=eta,
+    out = image_gen.sample(OracleDenoiser(schedule, x0), schedule, 4, sampler=sampler, steps=steps or 1, eta=eta,
                            generator=torch.Generator().manual_seed(0))
     assert out.shape == (4, 1, 28, 28)
     assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_v_target_is_the_rotation_of_noise_and_data():
+    schedule = image_gen.NoiseSchedule(1000, prediction="v")
+    x0, noise = torch.full((2, 1, 1, 1), 0.8), torch.full((2, 1, 1, 1), -0.3)
+    t = torch.tensor([0, 999])
+    a = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(schedule.training_target(x0, t, noise), a.sqrt() * noise - (1 - a).sqrt() * x0)
+    assert schedule.training_target(x0, t, noise)[1].item() == pytest.approx(-0.8, abs=0.01)  # x_T: v ~ -x_0
+    assert torch.equal(image_gen.NoiseSchedule(1000).training_target(x0, t, noise), noise)
 
 
 def test_unet_keeps_the_image_shape_and_uses_labels():
@@ -196,6 +208,20 @@ def test_resume_continues_the_epoch_count_and_history(trained, tmp_path, mnist_d
     assert after["lr_scheduler"]["last_epoch"] == after["step"]
 
 
+def test_v_prediction_with_cosine_schedule_trains_and_infers_from_its_checkpoint(tmp_path, mnist_dir):
+    checkpoint = tmp_path / "model.pt"
+    result = run_script("image_gen.py", "--mode", "train", "--epochs", "1", "--fid_samples", "0", "--num_samples", "4",
+                        "--prediction", "v", "--schedule", "cosine", "--checkpoint", str(checkpoint),
+                        "--data_dir", str(mnist_dir), "--results_dir", str(tmp_path / "train"), *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = torch.load(checkpoint, weights_only=True)["config"]
+    assert config["prediction"] == "v" and config["schedule"] == "cosine"
+    result = run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(checkpoint), "--sampler", "ddim",
+                        "--sample_steps", "5", "--num_samples", "4", "--results_dir", str(tmp_path / "infer"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "infer" / "samples").glob("*.png"))) == 4
+
+
 def test_two_process_torchrun_on_cpu(tmp_path, mnist_dir):
     result = run_script("image_gen.py", "--mode", "train", "--epochs", "1", "--fid_samples", "8",
                         "--num_samples", "4", "--checkpoint", str(tmp_path / "model.pt"),
@@ -236,6 +262,10 @@ def test_bad_checkpoints_are_rejected(tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "epoch": 3}, foreign)
     assert_usage_error(run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(foreign)), "not an image_gen")
+
+    older = tmp_path / "older.pt"  # format 1: additive time conditioning, no `prediction` in the config
+    torch.save({"kind": "image_diffusion", "format_version": 1, "config": {"base_channels": 32}}, older)
+    assert_usage_error(run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(older)), "format 1")
 
 
 def test_incompatible_checkpoint_and_finished_resume_leave_the_file_alone(trained, tmp_path, mnist_dir):
