@@ -424,25 +424,36 @@ class NoiseSchedule(nn.Module):
             self.register_buffer(name, value.float(), persistent=False)
         self.timesteps, self.prediction = timesteps, prediction
 
+    def scales(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), each [B, 1, 1, 1] to scale a batch of images."""
+        return self.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1), self.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward process in one jump: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4)."""
-        return (self.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0
-                + self.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * noise)
+        signal, noise_scale = self.scales(t)
+        return signal * x0 + noise_scale * noise
 
     def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """What the network should output at x_t: eps, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0."""
         if self.prediction == "eps":
             return noise
-        return (self.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * noise
-                - self.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * x0)
+        signal, noise_scale = self.scales(t)
+        return signal * noise - noise_scale * x0
+
+    def noise_from_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output as eps: itself, or from v, eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t."""
+        if self.prediction == "eps":
+            return output
+        signal, noise_scale = self.scales(t)
+        return signal * output + noise_scale * x_t
 
 
 def predict_noise(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor,
                   labels: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
     """eps_theta, with classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond) (Ho & Salimans 2022).
 
-    A v-predicting network's output is turned into eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t;
-    the map is affine, so guiding v is the same as guiding eps.
+    Guidance mixes the raw outputs; for a v-predicting network the map from v to eps is affine,
+    so guiding v is the same as guiding eps.
     """
     with mixed_precision(x.device):
         if labels is None or guidance_scale == 1.0:
@@ -452,10 +463,7 @@ def predict_noise(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, t:
             both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float()  # [2B, 1, 28, 28]
             cond, uncond = both.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
-    if schedule.prediction == "eps":
-        return out
-    return (schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * out
-            + schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * x)
+    return schedule.noise_from_output(out, x, t)
 
 
 @torch.no_grad()
