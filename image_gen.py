@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--prediction", choices=["eps", "v"], default="eps",
                    help="what the U-Net predicts: the noise eps (Ho et al.) or v = sqrt(a) eps - sqrt(1-a) x_0 "
                         "(Salimans & Ho 2022)")
+    g.add_argument("--self_condition", action=argparse.BooleanOptionalAction, default=False,
+                   help="feed the U-Net its previous x_0 estimate as a 2nd input channel (Chen et al. 2022)")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=20, help="total epochs (with --resume: continue up to this)")
@@ -329,14 +331,15 @@ class DiffusionModel(nn.Module):
 
     NULL_LABEL = 10
 
-    def __init__(self, base_channels: int = 32, attention: bool = True, class_conditional: bool = True):
+    def __init__(self, base_channels: int = 32, attention: bool = True, class_conditional: bool = True,
+                 self_condition: bool = False):
         super().__init__()
         c, emb_dim = base_channels, 4 * base_channels
-        self.class_conditional = class_conditional
+        self.class_conditional, self.self_condition = class_conditional, self_condition
         self.time_embedding = nn.Sequential(PositionalEncoding(c), nn.Linear(c, emb_dim), nn.SiLU(),
                                             nn.Linear(emb_dim, emb_dim))
         self.label_embedding = nn.Embedding(11, emb_dim) if class_conditional else None
-        self.conv_in = nn.Conv2d(1, c, 3, padding=1)
+        self.conv_in = nn.Conv2d(2 if self_condition else 1, c, 3, padding=1)
         self.down1 = ResidualBlock(c, c, emb_dim)
         self.downsample1 = nn.Conv2d(c, c, 3, stride=2, padding=1)  # 28 -> 14
         self.down2 = ResidualBlock(c, 2 * c, emb_dim)
@@ -353,12 +356,16 @@ class DiffusionModel(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # start as "predict zero noise": a calm first few hundred steps
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_embedding(t)  # [B, 4C]
         if self.label_embedding is not None:
             if labels is None:
                 labels = torch.full_like(t, self.NULL_LABEL)
             emb = emb + self.label_embedding(labels)
+        if self.self_condition:  # no estimate yet (first step, or half the training steps): zeros
+            estimate = torch.zeros_like(x) if x0_estimate is None else x0_estimate
+            x = torch.cat([x, estimate], dim=1)  # [B, 2, 28, 28]
         h = self.conv_in(x)  # [B, C, 28, 28]
         skip1 = self.down1(h, emb)
         skip2 = self.down2(self.downsample1(skip1), emb)  # [B, 2C, 14, 14]
@@ -447,9 +454,15 @@ class NoiseSchedule(nn.Module):
         signal, noise_scale = self.scales(t)
         return signal * output + noise_scale * x_t
 
+    def predict_x0(self, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped to the data range [-1, 1]."""
+        signal, noise_scale = self.scales(t)
+        return ((x_t - noise_scale * eps) / signal).clamp(-1, 1)
+
 
 def predict_noise(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor,
-                  labels: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+                  labels: torch.Tensor | None, guidance_scale: float,
+                  x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
     """eps_theta, with classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond) (Ho & Salimans 2022).
 
     Guidance mixes the raw outputs; for a v-predicting network the map from v to eps is affine,
@@ -457,10 +470,12 @@ def predict_noise(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, t:
     """
     with mixed_precision(x.device):
         if labels is None or guidance_scale == 1.0:
-            out = model(x, t, labels).float()
+            out = model(x, t, labels, x0_estimate).float()
         else:
             null = torch.full_like(labels, DiffusionModel.NULL_LABEL)
-            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float()  # [2B, 1, 28, 28]
+            estimate = None if x0_estimate is None else torch.cat([x0_estimate, x0_estimate])
+            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), estimate)
+            both = both.float()  # [2B, 1, 28, 28]
             cond, uncond = both.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
     return schedule.noise_from_output(out, x, t)
@@ -474,8 +489,9 @@ def sample(model: nn.Module, schedule: NoiseSchedule, n: int, *, sampler: Litera
     """Run the reverse process from x_T ~ N(0, I) to x_0; returns [n, 1, 28, 28] in [-1, 1].
 
     ddpm: Algorithm 2 of Ho et al. over all T steps. ddim: Song et al. (2021) eq. 12 over
-    `steps` evenly spaced timesteps. When `frames` is a list, about 20 intermediate x_t are
-    appended to it (for the denoising animation).
+    `steps` evenly spaced timesteps. Each step's x_0 estimate goes into the next step, which a
+    self-conditioned U-Net reads and any other ignores. When `frames` is a list, about 20
+    intermediate x_t are appended to it (for the denoising animation).
     """
     device = schedule.betas.device
     model.eval()
@@ -485,9 +501,11 @@ def sample(model: nn.Module, schedule: NoiseSchedule, n: int, *, sampler: Litera
     else:
         timesteps = torch.linspace(schedule.timesteps - 1, 0, min(steps, schedule.timesteps)).round().long().tolist()
     keep_every = max(1, len(timesteps) // 20)
+    x0 = None
     for i, t_int in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", leave=False, disable=not progress)):
         t = torch.full((n,), t_int, device=device, dtype=torch.long)
-        eps = predict_noise(model, schedule, x, t, labels, guidance_scale)
+        eps = predict_noise(model, schedule, x, t, labels, guidance_scale, x0)
+        x0 = schedule.predict_x0(eps, x, t)
         alpha_bar = schedule.alphas_cumprod[t_int]
         if sampler == "ddpm":
             # mu_theta = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t); sigma_t^2 = beta_tilde_t
@@ -501,9 +519,8 @@ def sample(model: nn.Module, schedule: NoiseSchedule, n: int, *, sampler: Litera
         else:
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             alpha_bar_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones((), device=device)
-            # 1. predicted x_0 from eps, clipped to the data range
-            x0 = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)
-            eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()  # re-derive eps to match the clipped x_0
+            # 1. x_0 as predicted above (clipped to the data range); re-derive eps to match it
+            eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
             # 2. sigma_t (eta = 0: deterministic DDIM; eta = 1: DDPM's posterior variance)
             sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
             # 3. direction pointing to x_t, then x_{t-1} = sqrt(alpha_bar_prev) x_0 + dir + sigma z
@@ -530,18 +547,21 @@ def model_config(args: argparse.Namespace) -> dict:
     """Everything needed to rebuild the network and its schedule; stored in every checkpoint."""
     return {"base_channels": args.base_channels, "attention": args.attention,
             "class_conditional": args.class_conditional, "timesteps": args.timesteps, "schedule": args.schedule,
-            "prediction": args.prediction}
+            "prediction": args.prediction, "self_condition": args.self_condition}
 
 
 def build_model(config: dict) -> tuple[DiffusionModel, NoiseSchedule]:
-    return (DiffusionModel(config["base_channels"], config["attention"], config["class_conditional"]),
+    # Format-2 checkpoints from before --self_condition lack the key: they are not self-conditioned.
+    return (DiffusionModel(config["base_channels"], config["attention"], config["class_conditional"],
+                           config.get("self_condition", False)),
             NoiseSchedule(config["timesteps"], config["schedule"], config["prediction"]))
 
 
 class DiffusionTrainer:
     """Algorithm 1 of Ho et al.: x_0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2.
 
-    With --prediction v the target is v instead of eps (NoiseSchedule.training_target).
+    With --prediction v the target is v instead of eps (NoiseSchedule.training_target); with
+    --self_condition half the steps first estimate x_0 and pass it to the U-Net.
     AdamW with linear warm-up and cosine decay, gradient clipping at 1, and an EMA copy of the
     weights that sampling and FID use. Under torchrun the model is wrapped in DDP.
     """
@@ -580,8 +600,16 @@ class DiffusionTrainer:
         if self.model.class_conditional:  # drop labels so the same network learns the unconditional eps too
             drop = torch.rand(labels.shape, device=self.device) < self.args.label_dropout
             labels = labels.masked_fill(drop, DiffusionModel.NULL_LABEL)
+        labels = labels if self.model.class_conditional else None
+        x0_estimate = None
+        if self.model.self_condition and torch.rand(()) < 0.5:
+            # Self-conditioning: on half the steps, estimate x_0 first (no gradient) and feed it back,
+            # so that the network learns to refine the estimate the sampler hands it at each step.
+            with torch.no_grad(), mixed_precision(self.device):
+                first = self.network(x_t, t, labels).float()
+            x0_estimate = self.schedule.predict_x0(self.schedule.noise_from_output(first, x_t, t), x_t, t)
         with mixed_precision(self.device):
-            predicted = self.network(x_t, t, labels if self.model.class_conditional else None)
+            predicted = self.network(x_t, t, labels, x0_estimate)
         return F.mse_loss(predicted.float(), self.schedule.training_target(x0, t, noise))
 
     def train_step(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ class OracleDenoiser(torch.nn.Module):
         super().__init__()
         self.schedule, self.x0 = schedule, x0
 
-    def forward(self, x, t, labels=None):
+    def forward(self, x, t, labels=None, x0_estimate=None):
         a = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
         eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
         return self.schedule.training_target(self.x0, t, eps)
@@ -125,6 +125,16 @@ def test_unet_keeps_the_image_shape_and_uses_labels():
     assert out_a.shape == (3, 1, 28, 28)
     assert not torch.allclose(out_a, out_b)
     assert model(x, t).shape == (3, 1, 28, 28)  # no labels: the null label
+
+
+def test_self_conditioned_unet_reads_the_x0_estimate():
+    torch.manual_seed(0)
+    model = image_gen.DiffusionModel(base_channels=16, self_condition=True)
+    torch.nn.init.normal_(model.conv_out.weight)
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 500])
+    without = model(x, t)
+    assert torch.equal(without, model(x, t, x0_estimate=torch.zeros_like(x)))  # no estimate yet = zeros
+    assert not torch.allclose(without, model(x, t, x0_estimate=torch.ones_like(x)))
 
 
 def test_packaged_mnist_is_the_canonical_dataset(mnist_dir):
@@ -208,14 +218,15 @@ def test_resume_continues_the_epoch_count_and_history(trained, tmp_path, mnist_d
     assert after["lr_scheduler"]["last_epoch"] == after["step"]
 
 
-def test_v_prediction_with_cosine_schedule_trains_and_infers_from_its_checkpoint(tmp_path, mnist_dir):
+def test_benchmark_recipe_trains_and_infers_from_its_checkpoint(tmp_path, mnist_dir):
     checkpoint = tmp_path / "model.pt"
     result = run_script("image_gen.py", "--mode", "train", "--epochs", "1", "--fid_samples", "0", "--num_samples", "4",
-                        "--prediction", "v", "--schedule", "cosine", "--checkpoint", str(checkpoint),
-                        "--data_dir", str(mnist_dir), "--results_dir", str(tmp_path / "train"), *TINY)
+                        "--prediction", "v", "--schedule", "cosine", "--self_condition",
+                        "--checkpoint", str(checkpoint), "--data_dir", str(mnist_dir),
+                        "--results_dir", str(tmp_path / "train"), *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     config = torch.load(checkpoint, weights_only=True)["config"]
-    assert config["prediction"] == "v" and config["schedule"] == "cosine"
+    assert config["prediction"] == "v" and config["schedule"] == "cosine" and config["self_condition"]
     result = run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(checkpoint), "--sampler", "ddim",
                         "--sample_steps", "5", "--num_samples", "4", "--results_dir", str(tmp_path / "infer"))
     assert result.returncode == 0, result.stderr[-3000:]
