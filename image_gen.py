@@ -1,7 +1,8 @@
 """Denoising diffusion (DDPM) that draws MNIST digits from Gaussian noise.
 
 A U-Net learns to predict the noise added to a digit at a random timestep
-(Ho et al. 2020, Algorithm 1), or with --prediction v a mix of noise and digit;
+(Ho et al. 2020, Algorithm 1), or with --prediction v a mix of noise and digit
+(and with --self_condition it also reads its own previous estimate of the digit);
 sampling runs the chain backwards from pure noise, either with DDPM's ancestral
 steps over all T timesteps (Algorithm 2) or with DDIM's deterministic shortcut over
 a few of them (Song et al. 2021). An EMA of the weights draws the samples, and FID
@@ -605,8 +606,10 @@ class DiffusionTrainer:
         if self.model.self_condition and torch.rand(()) < 0.5:
             # Self-conditioning: on half the steps, estimate x_0 first (no gradient) and feed it back,
             # so that the network learns to refine the estimate the sampler hands it at each step.
+            # The bare model, not the DDP wrapper: ranks draw this coin independently, and a pass
+            # without gradients needs no synchronisation.
             with torch.no_grad(), mixed_precision(self.device):
-                first = self.network(x_t, t, labels).float()
+                first = self.model(x_t, t, labels).float()
             x0_estimate = self.schedule.predict_x0(self.schedule.noise_from_output(first, x_t, t), x_t, t)
         with mixed_precision(self.device):
             predicted = self.network(x_t, t, labels, x0_estimate)

@@ -234,8 +234,9 @@ def test_benchmark_recipe_trains_and_infers_from_its_checkpoint(tmp_path, mnist_
 
 
 def test_two_process_torchrun_on_cpu(tmp_path, mnist_dir):
+    # Self-conditioning too: each rank decides alone when to run its extra estimate pass.
     result = run_script("image_gen.py", "--mode", "train", "--epochs", "1", "--fid_samples", "8",
-                        "--num_samples", "4", "--checkpoint", str(tmp_path / "model.pt"),
+                        "--num_samples", "4", "--self_condition", "--checkpoint", str(tmp_path / "model.pt"),
                         "--data_dir", str(mnist_dir), "--results_dir", str(tmp_path / "results"), *TINY,
                         torchrun=2)
     assert result.returncode == 0, result.stderr[-3000:]
