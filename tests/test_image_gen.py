@@ -105,6 +105,27 @@ def test_samplers_recover_x0_from_a_perfect_denoiser(sampler, steps, eta, predic
     assert torch.allclose(out, x0, atol=1e-4)
 
 
+class RecordingDenoiser(OracleDenoiser):
+    """The perfect denoiser, noting the x_0 estimate each call receives."""
+
+    def forward(self, x, t, labels=None, x0_estimate=None):
+        self.received.append(x0_estimate)
+        return super().forward(x, t, labels)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 0), ("ddim", 5)])
+def test_samplers_hand_each_x0_estimate_to_the_next_step(sampler, steps):
+    schedule = image_gen.NoiseSchedule(100, prediction="v")
+    x0 = torch.rand(2, 1, 28, 28) * 2 - 1
+    model = RecordingDenoiser(schedule, x0)
+    model.received = []
+    image_gen.sample(model, schedule, 2, sampler=sampler, steps=steps or 1, generator=torch.Generator().manual_seed(0))
+    assert len(model.received) == (100 if sampler == "ddpm" else 5)
+    assert model.received[0] is None  # nothing estimated before the first step
+    for estimate in model.received[1:]:
+        assert torch.allclose(estimate, x0, atol=1e-4)  # a perfect denoiser's estimate is x_0 itself
+
+
 def test_v_target_is_the_rotation_of_noise_and_data():
     schedule = image_gen.NoiseSchedule(1000, prediction="v")
     x0, noise = torch.full((2, 1, 1, 1), 0.8), torch.full((2, 1, 1, 1), -0.3)
