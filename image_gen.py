@@ -601,7 +601,8 @@ class DiffusionTrainer:
         if self.model.class_conditional:  # drop labels so the same network learns the unconditional eps too
             drop = torch.rand(labels.shape, device=self.device) < self.args.label_dropout
             labels = labels.masked_fill(drop, DiffusionModel.NULL_LABEL)
-        labels = labels if self.model.class_conditional else None
+        else:
+            labels = None
         x0_estimate = None
         if self.model.self_condition and torch.rand(()) < 0.5:
             # Self-conditioning: on half the steps, estimate x_0 first (no gradient) and feed it back,
