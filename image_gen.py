@@ -609,9 +609,9 @@ class DiffusionTrainer:
             # so that the network learns to refine the estimate the sampler hands it at each step.
             # The bare model, not the DDP wrapper: ranks draw this coin independently, and a pass
             # without gradients needs no synchronisation.
-            with torch.no_grad(), mixed_precision(self.device):
-                first = self.model(x_t, t, labels).float()
-            x0_estimate = self.schedule.predict_x0(self.schedule.noise_from_output(first, x_t, t), x_t, t)
+            with torch.no_grad():
+                eps = predict_noise(self.model, self.schedule, x_t, t, labels, guidance_scale=1.0)
+            x0_estimate = self.schedule.predict_x0(eps, x_t, t)
         with mixed_precision(self.device):
             predicted = self.network(x_t, t, labels, x0_estimate)
         return F.mse_loss(predicted.float(), self.schedule.training_target(x0, t, noise))
