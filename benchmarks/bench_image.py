@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/bench_image.py --budget_minutes 12 --skip_ddpm_fid
     .venv/bin/python benchmarks/bench_image.py --only checkpoint --checkpoint models/pretrained/diffusion_model.pt
 
-1. Training images/s of one optimizer step (batch 64), bf16 autocast against fp32 and
-   channels_last against NCHW, measured side by side; median of repeated timings.
+1. Training images/s of one optimizer step (batch 64), bf16 autocast against fp32,
+   channels_last against NCHW and torch.compile against eager, measured side by side; median
+   of repeated timings.
 2. Sampling: the U-Net's forward pass in bf16 autocast against fp32, side by side, then
    seconds per image for DDPM (all T steps) and DDIM (50 steps) as the script samples, batch 100.
 3. Quality after a fixed wall-clock training budget: train from scratch with the script's
@@ -58,23 +59,30 @@ def training_speed(batch_size: int = 64, repeats: int = 15) -> None:
     t = torch.randint(0, 1000, (batch_size,))
     y = torch.randint(0, 10, (batch_size,))
     results = {}
-    for name, bf16, channels_last in [("fp32 NCHW", False, False), ("bf16 NCHW", True, False),
-                                      ("fp32 channels_last", False, True), ("bf16 channels_last", True, True)]:
+    for name, bf16, channels_last, compiled in [
+            ("fp32 NCHW", False, False, False), ("bf16 NCHW", True, False, False),
+            ("fp32 channels_last", False, True, False), ("bf16 channels_last", True, True, False),
+            ("bf16 NCHW compiled", True, False, True)]:
         torch.manual_seed(0)
         model = image_gen.DiffusionModel(32, True, True)
         inputs = x
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
             inputs = x.contiguous(memory_format=torch.channels_last)
+        network = torch.compile(model) if compiled else model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = (model(inputs, t, y).float() - inputs).pow(2).mean()
+                loss = (network(inputs, t, y).float() - inputs).pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
+        if compiled:  # the first step pays for the compilation; time it apart from the steady state
+            start = time.perf_counter()
+            step()
+            print(f"  torch.compile: first step {time.perf_counter() - start:.0f} s")
         results[name] = batch_size / median_seconds(step, repeats)
     base = results["fp32 NCHW"]
     for name, ips in results.items():
