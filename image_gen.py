@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--subset", type=int, default=None, help="train on the first N training images only")
     g.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the U-Net for training (on CPU it is slower: 0.91x eager on one thread)")
+                   help="torch.compile the U-Net for training (slower than eager on CPU: see make bench-image)")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--num_samples", type=int, default=16, help="images in the final grid")
