@@ -1,12 +1,13 @@
 """Denoising diffusion (DDPM) that draws MNIST digits from Gaussian noise.
 
 A U-Net learns to predict the noise added to a digit at a random timestep
-(Ho et al. 2020, Algorithm 1), or with --prediction v a mix of noise and digit
-(and with --self_condition it also reads its own previous estimate of the digit);
-sampling runs the chain backwards from pure noise, either with DDPM's ancestral
-steps over all T timesteps (Algorithm 2) or with DDIM's deterministic shortcut over
-a few of them (Song et al. 2021). An EMA of the weights draws the samples, and FID
-against the MNIST test set measures them.
+(Ho et al. 2020, Algorithm 1), or with --prediction v a mix of noise and digit,
+or with --prediction x0 the digit itself (and with --self_condition it also reads
+its own previous estimate of the digit); sampling runs the chain backwards from
+pure noise, either with DDPM's ancestral steps over all T timesteps (Algorithm 2)
+or with DDIM's deterministic shortcut over a few of them (Song et al. 2021). An
+EMA of the weights draws the samples, and FID against the MNIST test set measures
+them.
 
     python image_gen.py --mode train --epochs 20                      # full run (GPU: minutes)
     python image_gen.py --mode infer --num_samples 16                 # samples from the checkpoint
@@ -74,9 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
     g.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                    help="beta schedule: linear 1e-4..0.02 (Ho et al.) or cosine (Nichol & Dhariwal)")
-    g.add_argument("--prediction", choices=["eps", "v"], default="eps",
-                   help="what the U-Net predicts: the noise eps (Ho et al.) or v = sqrt(a) eps - sqrt(1-a) x_0 "
-                        "(Salimans & Ho 2022)")
+    g.add_argument("--prediction", choices=["eps", "v", "x0"], default="eps",
+                   help="what the U-Net predicts: the noise eps (Ho et al.), v = sqrt(a) eps - sqrt(1-a) x_0 "
+                        "(Salimans & Ho 2022) or the clean digit x_0")
     g.add_argument("--self_condition", action=argparse.BooleanOptionalAction, default=False,
                    help="feed the U-Net its previous x_0 estimate as a 2nd input channel (Chen et al. 2022)")
 
@@ -403,13 +404,14 @@ def mixed_precision(device: torch.device) -> torch.autocast:
 class NoiseSchedule(nn.Module):
     """beta_t and the products the forward and reverse processes need, as buffers that follow .to(device).
 
-    `prediction` says what the network is trained to output at x_t: the noise eps, or
+    `prediction` says what the network is trained to output at x_t: the noise eps;
     v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, whose x_0 estimate stays well conditioned
-    at high noise, where eps's divides by sqrt(alpha_bar) ~ 0.006.
+    at high noise, where eps's divides by sqrt(alpha_bar) ~ 0.006; or x_0 itself, whose MSE is
+    v's weighted by 1 / (SNR + 1), so it spends less of the network on the low noise levels.
     """
 
     def __init__(self, timesteps: int = 1000, kind: Literal["linear", "cosine"] = "linear",
-                 prediction: Literal["eps", "v"] = "eps"):
+                 prediction: Literal["eps", "v", "x0"] = "eps"):
         super().__init__()
         if kind == "linear":  # Ho et al. 2020
             betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
@@ -442,17 +444,22 @@ class NoiseSchedule(nn.Module):
         return signal * x0 + noise_scale * noise
 
     def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the network should output at x_t: eps, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0."""
+        """What the network should output at x_t: eps, v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, or x_0."""
         if self.prediction == "eps":
             return noise
+        if self.prediction == "x0":
+            return x0
         signal, noise_scale = self.scales(t)
         return signal * noise - noise_scale * x0
 
     def noise_from_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network's output as eps: itself, or from v, eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t."""
+        """The network's output as eps: itself; from v, eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t;
+        from x_0, eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)."""
         if self.prediction == "eps":
             return output
         signal, noise_scale = self.scales(t)
+        if self.prediction == "x0":
+            return (x_t - signal * output) / noise_scale
         return signal * output + noise_scale * x_t
 
     def predict_x0(self, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -561,7 +568,7 @@ def build_model(config: dict) -> tuple[DiffusionModel, NoiseSchedule]:
 class DiffusionTrainer:
     """Algorithm 1 of Ho et al.: x_0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2.
 
-    With --prediction v the target is v instead of eps (NoiseSchedule.training_target); with
+    With --prediction v or x0 the target is v or x_0 instead of eps (NoiseSchedule.training_target); with
     --self_condition half the steps first estimate x_0 and pass it to the U-Net.
     AdamW with linear warm-up and cosine decay, gradient clipping at 1, and an EMA copy of the
     weights that sampling and FID use. Under torchrun the model is wrapped in DDP.

@@ -82,7 +82,7 @@ def test_q_sample_has_the_forward_process_statistics():
 
 
 class OracleDenoiser(torch.nn.Module):
-    """The exact eps (or v) for a known x_0: a perfect denoiser, so a correct sampler must return x_0."""
+    """The exact eps (or v, or x_0) for a known x_0: a perfect denoiser, so a correct sampler must return x_0."""
 
     def __init__(self, schedule, x0):
         super().__init__()
@@ -94,7 +94,7 @@ class OracleDenoiser(torch.nn.Module):
         return self.schedule.training_target(self.x0, t, eps)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 @pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 0, 0.0), ("ddim", 25, 0.0), ("ddim", 10, 1.0)])
 def test_samplers_recover_x0_from_a_perfect_denoiser(sampler, steps, eta, prediction):
     schedule = image_gen.NoiseSchedule(100, prediction=prediction)
