@@ -242,12 +242,12 @@ def test_resume_continues_the_epoch_count_and_history(trained, tmp_path, mnist_d
 def test_benchmark_recipe_trains_and_infers_from_its_checkpoint(tmp_path, mnist_dir):
     checkpoint = tmp_path / "model.pt"
     result = run_script("image_gen.py", "--mode", "train", "--epochs", "1", "--fid_samples", "0", "--num_samples", "4",
-                        "--prediction", "v", "--schedule", "cosine", "--self_condition",
+                        "--prediction", "x0", "--schedule", "cosine", "--self_condition",
                         "--checkpoint", str(checkpoint), "--data_dir", str(mnist_dir),
                         "--results_dir", str(tmp_path / "train"), *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     config = torch.load(checkpoint, weights_only=True)["config"]
-    assert config["prediction"] == "v" and config["schedule"] == "cosine" and config["self_condition"]
+    assert config["prediction"] == "x0" and config["schedule"] == "cosine" and config["self_condition"]
     result = run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(checkpoint), "--sampler", "ddim",
                         "--sample_steps", "5", "--num_samples", "4", "--results_dir", str(tmp_path / "infer"))
     assert result.returncode == 0, result.stderr[-3000:]
