@@ -457,10 +457,15 @@ class NoiseSchedule(nn.Module):
         from x_0, eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)."""
         if self.prediction == "eps":
             return output
-        signal, noise_scale = self.scales(t)
         if self.prediction == "x0":
-            return (x_t - signal * output) / noise_scale
+            return self.noise_from_x0(output, x_t, t)
+        signal, noise_scale = self.scales(t)
         return signal * output + noise_scale * x_t
+
+    def noise_from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The eps that takes x_0 to x_t: eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)."""
+        signal, noise_scale = self.scales(t)
+        return (x_t - signal * x0) / noise_scale
 
     def predict_x0(self, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped to the data range [-1, 1]."""
@@ -528,7 +533,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, n: int, *, sampler: Litera
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             alpha_bar_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones((), device=device)
             # 1. x_0 as predicted above (clipped to the data range); re-derive eps to match it
-            eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+            eps = schedule.noise_from_x0(x0, x, t)
             # 2. sigma_t (eta = 0: deterministic DDIM; eta = 1: DDPM's posterior variance)
             sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
             # 3. direction pointing to x_t, then x_{t-1} = sqrt(alpha_bar_prev) x_0 + dir + sigma z
