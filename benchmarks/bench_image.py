@@ -20,8 +20,9 @@
    --learning_rate 1e-3 --prediction eps --schedule linear --no-self_condition trains exactly
    the script's defaults. Then FID of
    1,000 EMA samples against the MNIST test set with DDIM-50 (eta 0 and 1) and with full
-   1000-step DDPM.
-4. With --checkpoint: FID-1k of that model by sampler and steps, and how often a small MNIST
+   1000-step DDPM, and DPM-Solver++(2M) beside DDIM at 5, 10 and 20 steps.
+4. With --checkpoint: FID-1k of that model by sampler and steps (DDIM-50, DDPM-1000, and
+   DPM-Solver++ beside DDIM at 5, 10 and 20 steps), and how often a small MNIST
    classifier (trained here in about a minute) reads a conditional sample as the digit asked for.
 Everything runs on --threads CPU threads (default 1) so that figures compare across runs.
 """
@@ -36,12 +37,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import image_gen  # noqa: E402
+import image_gen
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
     return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, bf16 CPU: {image_gen.cpu_has_bf16()}"
 
 
@@ -75,7 +76,7 @@ def training_speed(batch_size: int = 64, repeats: int = 15) -> None:
         network = torch.compile(model) if compiled else model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def step():
+        def step(network=network, inputs=inputs, optimizer=optimizer, bf16=bf16):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = (network(inputs, t, y).float() - inputs).pow(2).mean()
             optimizer.zero_grad()
@@ -101,10 +102,12 @@ def sampling_speed(model, schedule, n: int = 100) -> None:
             bf16 = median_seconds(lambda: model(x, t, y), repeats=15)
     print(f"  U-Net forward: fp32 {n / fp32:.0f} images/s, bf16 autocast {n / bf16:.0f} images/s "
           f"({fp32 / bf16:.2f}x); the samplers use bf16 when the CPU has it: {image_gen.cpu_has_bf16()}")
+    labels = image_gen.balanced_labels(n, None, "cpu")
     for sampler, steps in [("ddim", 50), ("ddpm", schedule.timesteps)]:
-        seconds = median_seconds(lambda: image_gen.sample(model, schedule, n, sampler=sampler, steps=steps,
-                                                          labels=image_gen.balanced_labels(n, None, "cpu")),
-                                 repeats=3 if sampler == "ddim" else 1, warmup=1 if sampler == "ddim" else 0)
+        def draw(sampler=sampler, steps=steps):
+            image_gen.sample(model, schedule, n, sampler=sampler, steps=steps, labels=labels)
+
+        seconds = median_seconds(draw, repeats=3 if sampler == "ddim" else 1, warmup=1 if sampler == "ddim" else 0)
         print(f"  {sampler.upper()}-{steps:<5d} {seconds / n * 1000:8.1f} ms/image   {n / seconds:7.1f} images/s")
 
 
@@ -154,19 +157,28 @@ def fid_after_budget(budget_minutes: float, data_dir: str, fid_samples: int, ski
     labels = image_gen.balanced_labels(fid_samples, None, "cpu")
     configs = [("ddim", 50, 0.0), ("ddim", 50, 1.0)]
     configs += [] if skip_ddpm else [("ddpm", trainer.schedule.timesteps, 0.0)]
-    scores = score_samplers(trainer.ema, trainer.schedule, args, evaluator, configs, fid_samples, labels)
+    drawing = image_gen.ImageGenerator("diffusion", trainer.ema, trainer.schedule, True, torch.device("cpu"))
+    scores = score_samplers(drawing, args, evaluator, configs, fid_samples, labels)
     if len(scores) == 3:
         print(f"  DDIM-50 (eta 0) / DDPM-1000 FID ratio: {scores[0] / scores[2]:.2f}")
+    few_steps(drawing, args, evaluator, fid_samples, labels, ddim_50=scores[0])
 
 
-def score_samplers(model, schedule, args, evaluator, configs, fid_samples, labels) -> list[float]:
+def few_steps(drawing, args, evaluator, fid_samples, labels, ddim_50: float) -> None:
+    """DPM-Solver++(2M) beside DDIM (eta 0) at 5, 10 and 20 steps, each against DDIM-50."""
+    configs = [(sampler, steps, 0.0) for steps in (5, 10, 20) for sampler in ("ddim", "dpmpp")]
+    scores = score_samplers(drawing, args, evaluator, configs, fid_samples, labels)
+    for (sampler, steps, _), score in zip(configs, scores):
+        print(f"  {sampler.upper()}-{steps} / DDIM-50 FID ratio: {score / ddim_50:.2f}")
+
+
+def score_samplers(drawing, args, evaluator, configs, fid_samples, labels) -> list[float]:
     """FID of fid_samples images for each (sampler, steps, eta), all from the same seed."""
     scores = []
     for sampler, steps, eta in configs:
         args.sampler, args.sample_steps, args.eta = sampler, steps, eta
         start = time.perf_counter()
-        fakes = image_gen.generate_in_batches(model, schedule, fid_samples, args, torch.Generator().manual_seed(1),
-                                              labels)
+        fakes = image_gen.generate_in_batches(drawing, fid_samples, args, torch.Generator().manual_seed(1), labels)
         scores.append(evaluator.score(fakes))
         name = f"{sampler.upper()}-{steps}" + (f" eta {eta:g}" if sampler == "ddim" else "")
         print(f"  FID-{fid_samples / 1000:g}k {name:16s} {scores[-1]:6.2f}   "
@@ -213,17 +225,16 @@ def evaluate_checkpoint(path: str, data_dir: str, fid_samples: int, skip_ddpm: b
                         guidance_scales: tuple[float, ...] = (1.0, 2.0)) -> None:
     print(f"\n## Checkpoint {path}")
     state = image_gen.load_checkpoint(Path(path))
-    model, schedule = image_gen.build_model(state["config"])
-    model.load_state_dict(state.get("ema", state["model"]))
-    model.eval()
+    drawing = image_gen.load_image_generator(path, device="cpu")
     print(f"  config {state['config']}, trained {state['epoch']} epochs")
     args = image_gen.parse_args(["--mode", "infer"])
     evaluator = image_gen.FIDEvaluator(data_dir, 10000, torch.device("cpu"))
     conditional = state["config"]["class_conditional"]
     labels = image_gen.balanced_labels(fid_samples, None, "cpu") if conditional else None
-    configs = [("ddim", 20, 0.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0)]
-    configs += [] if skip_ddpm else [("ddpm", schedule.timesteps, 0.0)]
-    score_samplers(model, schedule, args, evaluator, configs, fid_samples, labels)
+    configs = [("ddim", 50, 0.0), ("ddim", 50, 1.0)]
+    configs += [] if skip_ddpm else [("ddpm", drawing.schedule.timesteps, 0.0)]
+    scores = score_samplers(drawing, args, evaluator, configs, fid_samples, labels)
+    few_steps(drawing, args, evaluator, fid_samples, labels, ddim_50=scores[0])
     if not conditional:
         return
     classifier, accuracy = train_classifier(data_dir)
@@ -233,8 +244,8 @@ def evaluate_checkpoint(path: str, data_dir: str, fid_samples: int, skip_ddpm: b
         args.guidance_scale = guidance
         hits = []
         for digit in range(10):
-            fakes = image_gen.generate_in_batches(model, schedule, per_digit, args,
-                                                  torch.Generator().manual_seed(digit), torch.full((per_digit,), digit))
+            fakes = image_gen.generate_in_batches(drawing, per_digit, args, torch.Generator().manual_seed(digit),
+                                                  torch.full((per_digit,), digit))
             with torch.no_grad():
                 hits.append((classifier(fakes).argmax(1) == digit).float().mean().item())
         scores = " ".join(f"{d}:{h:.0%}" for d, h in enumerate(hits))

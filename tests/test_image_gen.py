@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_script
 from PIL import Image
 
 import image_gen
-from conftest import ROOT, run_script
 
 TINY = ["--subset", "256", "--timesteps", "20", "--base_channels", "16", "--batch_size", "64",
         "--fid_reference_size", "48", "--seed", "3"]
@@ -65,7 +65,7 @@ def test_linear_schedule_matches_ho_et_al():
 def test_cosine_schedule_follows_squared_cosine():
     schedule = image_gen.NoiseSchedule(1000, "cosine")
     t = torch.tensor([0, 250, 500, 999])
-    f = lambda s: math.cos((s / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    f = lambda s: math.cos((s / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
     expected = torch.tensor([f(int(s) + 1) / f(0) for s in t])
     assert torch.allclose(schedule.alphas_cumprod[t], expected.float(), atol=1e-4)
     assert torch.all(schedule.betas <= 0.999) and torch.all(schedule.betas > 0)
@@ -95,7 +95,8 @@ class OracleDenoiser(torch.nn.Module):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
-@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 0, 0.0), ("ddim", 25, 0.0), ("ddim", 10, 1.0)])
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 0, 0.0), ("ddim", 25, 0.0), ("ddim", 10, 1.0),
+                                               ("dpmpp", 10, 0.0), ("dpmpp", 20, 0.0)])
 def test_samplers_recover_x0_from_a_perfect_denoiser(sampler, steps, eta, prediction):
     schedule = image_gen.NoiseSchedule(100, prediction=prediction)
     x0 = torch.rand(4, 1, 28, 28) * 2 - 1
@@ -113,7 +114,7 @@ class RecordingDenoiser(OracleDenoiser):
         return super().forward(x, t, labels)
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 0), ("ddim", 5)])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 0), ("ddim", 5), ("dpmpp", 5)])
 def test_samplers_hand_each_x0_estimate_to_the_next_step(sampler, steps):
     schedule = image_gen.NoiseSchedule(100, prediction="v")
     x0 = torch.rand(2, 1, 28, 28) * 2 - 1
@@ -124,6 +125,18 @@ def test_samplers_hand_each_x0_estimate_to_the_next_step(sampler, steps):
     assert model.received[0] is None  # nothing estimated before the first step
     for estimate in model.received[1:]:
         assert torch.allclose(estimate, x0, atol=1e-4)  # a perfect denoiser's estimate is x_0 itself
+
+
+def test_dpmpp_is_ddim_at_first_order_and_second_order_after():
+    """DPM-Solver++'s first-order step is DDIM's (eta 0); from the second step on the two part ways."""
+    torch.manual_seed(0)
+    model = image_gen.DiffusionModel(base_channels=16)
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)  # an untrained but not silent network
+    schedule = image_gen.NoiseSchedule(100)
+    draw = lambda sampler, steps: image_gen.sample(model, schedule, 2, sampler=sampler, steps=steps,
+                                                   generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(draw("dpmpp", 2), draw("ddim", 2), atol=1e-5)  # first step and last step: first order
+    assert not torch.allclose(draw("dpmpp", 4), draw("ddim", 4), atol=1e-3)
 
 
 def test_v_target_is_the_rotation_of_noise_and_data():
@@ -212,6 +225,58 @@ def test_infer_reads_everything_from_the_checkpoint_and_repeats_exactly(trained,
     assert np.asarray(image).std() > 0
     for name in files:  # same seed, same checkpoint: the same digits, bit for bit, also as training drew them
         assert digest(runs[0] / name) == digest(runs[1] / name) == digest(trained / "results" / "samples" / name)
+
+
+def test_in_memory_surface_draws_the_pixels_infer_writes(trained, tmp_path):
+    """load_image_generator + generate (what api.py calls) and --mode infer are one code path."""
+    result = run_script("image_gen.py", "--mode", "infer", "--checkpoint", str(trained / "model.pt"), "--sampler",
+                        "dpmpp", "--sample_steps", "4", "--digit", "7", "--guidance_scale", "2", "--num_samples", "3",
+                        "--seed", "5", "--results_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = np.stack([np.asarray(Image.open(tmp_path / "samples" / f"sample_{i:05d}.png")) for i in range(3)])
+
+    generator = image_gen.load_image_generator(trained / "model.pt", device="cpu")
+    assert generator.kind == "diffusion" and generator.class_conditional and generator.image_size == 28
+    assert generator.samplers == ("ddpm", "ddim", "dpmpp")
+    assert generator.sha256 == digest(trained / "model.pt")
+    frames = []
+    images = generator.generate(3, digit=7, sampler="dpmpp", steps=4, guidance_scale=2.0, seed=5, frames=frames)
+    assert images.dtype == np.uint8 and images.shape == (3, 28, 28)
+    assert np.array_equal(images, written)
+    assert len(frames) == 4 and all(f.dtype == np.uint8 and f.shape == (3, 28, 28) for f in frames)
+    assert np.array_equal(frames[-1], images)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"num_samples": 0}, "num_samples"),
+    ({"digit": 10}, "digit"),
+    ({"sampler": "euler"}, "sampler 'euler'"),
+    ({"steps": 0}, "steps"),
+    ({"eta": -1.0}, "eta"),
+    ({"guidance_scale": float("nan")}, "guidance_scale"),
+])
+def test_in_memory_surface_refuses_bad_arguments(trained, kwargs, fragment):
+    generator = image_gen.load_image_generator(trained / "model.pt", device="cpu")
+    with pytest.raises(image_gen.UsageError, match=fragment):
+        generator.generate(**{"num_samples": 2, **kwargs})
+
+
+def test_in_memory_surface_refuses_bad_checkpoints_and_models(trained, tmp_path):
+    with pytest.raises(image_gen.UsageError, match="does not exist"):
+        image_gen.load_image_generator(tmp_path / "nope.pt")
+    with pytest.raises(image_gen.UsageError, match="model must be"):
+        image_gen.load_image_generator(trained / "model.pt", model="vae")
+    state = torch.load(trained / "model.pt", weights_only=True)
+    state["config"]["class_conditional"] = False
+    unconditional = tmp_path / "unconditional.pt"
+    torch.save(state, unconditional)
+    with pytest.raises(image_gen.UsageError, match="does not match"):  # the label embedding has no place to go
+        image_gen.load_image_generator(unconditional)
+    network = image_gen.DiffusionModel(16, class_conditional=False)
+    drawing = image_gen.ImageGenerator("diffusion", network, image_gen.NoiseSchedule(20), False, torch.device("cpu"))
+    with pytest.raises(image_gen.UsageError, match="class-conditional"):
+        drawing.generate(1, digit=3)
+    assert drawing.generate(1, sampler="ddim", steps=2).shape == (1, 28, 28)
 
 
 def test_infer_ddim_with_a_digit_and_guidance(trained, tmp_path):
