@@ -1,0 +1,417 @@
+"""api.py: every endpoint and every refusal through FastAPI's TestClient, then a real uvicorn on 127.0.0.1.
+
+The models are the ones the server would load (the checkpoints --mode infer picks); requests stay tiny
+(DDIM with a few steps, clips of a second or two, a few Griffin-Lim iterations) so the file runs in seconds.
+"""
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import ROOT, run_script
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import api
+import audio_gen
+
+TINY_IMAGES = {"num_samples": 2, "sampler": "ddim", "steps": 3}
+
+
+def tone_wav(seconds: float = 1.5, rate: int = 16_000, channels: int = 1, subtype: str = "PCM_16",
+             amplitude: float = 0.3) -> bytes:
+    """A vibrato tone as an in-memory file; amplitude 0 gives silence."""
+    t = np.arange(int(seconds * rate)) / rate
+    wav = amplitude * np.sin(2 * np.pi * (220 * t + 3 * np.sin(2 * np.pi * 2 * t)))
+    buffer = io.BytesIO()
+    sf.write(buffer, np.repeat(wav[:, None], channels, axis=1), rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def wait_ready(client: TestClient) -> None:
+    for _ in range(600):
+        if client.get("/readyz").status_code == 200:
+            return
+        assert client.app.state.load_error is None, client.app.state.load_error
+        time.sleep(0.1)
+    raise AssertionError("models did not load within 60 s")
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict:
+    """An RFC 9457 problem: the status, application/problem+json, and a one-line detail."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status and body["type"] == "about:blank" and body["title"]
+    assert body["detail"] and "\n" not in body["detail"] and "Traceback" not in body["detail"]
+    return body
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(api.create_app(api.parse_args([]))) as client:
+        wait_ready(client)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def strict():
+    """A server with a small upload limit, one waiting place per model and a half-second deadline."""
+    args = api.parse_args(["--queue_size", "1", "--deadline_s", "0.5", "--max_upload_mb", "0.05"])
+    with TestClient(api.create_app(args)) as client:
+        wait_ready(client)
+        yield client
+
+
+@contextlib.contextmanager
+def occupied(client: TestClient, lane: str, calls: int = 1):
+    """Hold a model's lane with `calls` real lane calls that block until the block exits."""
+    release, started = threading.Event(), threading.Event()
+
+    def job() -> None:
+        started.set()
+        release.wait(30)
+
+    futures = [client.portal.start_task_soon(client.app.state.lanes[lane].run, job, time.monotonic(), 60)
+               for _ in range(calls)]
+    assert started.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        for future in futures:
+            future.result(timeout=30)
+
+
+# ----------------------------------------------------------------------------
+# Health, models, docs
+# ----------------------------------------------------------------------------
+def test_health_and_readiness_before_and_after_loading(client):
+    unloaded = TestClient(api.create_app(api.parse_args([])))  # lifespan not entered: nothing loaded
+    assert unloaded.get("/healthz").json() == {"status": "ok"}
+    body = assert_problem(unloaded.get("/readyz"), 503)
+    assert "loading" in body["detail"]
+    assert unloaded.get("/readyz").headers["retry-after"] == "5"
+    assert_problem(unloaded.get("/v1/models"), 503)
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_models_names_checkpoints_by_sha256(client):
+    body = client.get("/v1/models").json()
+    diffusion = body["images"]["diffusion"]
+    generator = client.app.state.models["images"]["diffusion"]
+    assert diffusion["sha256"] == hashlib.sha256(Path(generator.checkpoint).read_bytes()).hexdigest()
+    assert diffusion["image_size"] == 28 and "ddim" in diffusion["samplers"]
+    audio = client.app.state.models["audio"]
+    assert body["audio"]["sha256"] == hashlib.sha256(Path(audio.checkpoint).read_bytes()).hexdigest()
+    assert body["audio"]["sample_rate"] == audio_gen.SAMPLE_RATE
+    assert body["limits"]["max_num_samples"] == api.MAX_NUM_SAMPLES
+
+
+def test_openapi_shows_the_limits_and_docs_need_no_network(client):
+    schema = client.get("/openapi.json").json()
+    image = schema["components"]["schemas"]["ImageRequest"]["properties"]
+    assert image["num_samples"]["maximum"] == api.MAX_NUM_SAMPLES and image["steps"]["maximum"] == api.MAX_STEPS
+    assert str(api.MAX_SAMPLE_STEPS) in schema["components"]["schemas"]["ImageRequest"]["description"].replace(",", "")
+    upload = next(s for name, s in schema["components"]["schemas"].items() if "reconstruct" in name)
+    assert upload["properties"]["griffin_lim_iters"]["maximum"] == api.MAX_GRIFFIN_LIM_ITERS
+    assert "60 s" in schema["info"]["description"] and "10 MB" in schema["info"]["description"]
+    docs = client.get("/docs").text
+    assert "/static/swagger-ui-bundle.js" in docs and "cdn" not in docs
+    assert client.get("/static/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/redoc").status_code == 404  # ReDoc would fetch its script from a CDN
+
+
+def test_streamlit_upload_limit_matches_the_api():
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] == api.MAX_UPLOAD_MB
+    assert config["browser"]["gatherUsageStats"] is False
+
+
+# ----------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------
+def test_generate_json_returns_decodable_pngs_the_same_for_the_same_seed(client):
+    request = {**TINY_IMAGES, "digit": 7, "seed": 3}
+    body = client.post("/v1/images/generate", json=request).json()
+    assert body["seed"] == 3 and body["sampler"] == "ddim" and body["steps"] == 3
+    images = [np.array(Image.open(io.BytesIO(base64.b64decode(png)))) for png in body["images"]]
+    assert len(images) == 2 and all(image.shape == (28, 28) and image.dtype == np.uint8 for image in images)
+    assert body["timing"]["model_s"] > 0 and body["timing"]["total_s"] >= body["timing"]["model_s"]
+    again = client.post("/v1/images/generate", json=request).json()
+    assert again["images"] == body["images"]
+    other = client.post("/v1/images/generate", json={**request, "seed": 4}).json()
+    assert other["images"] != body["images"]
+
+
+def test_generate_png_with_accept_header_is_a_grid_one_digit_per_row(client):
+    response = client.post("/v1/images/generate", json={**TINY_IMAGES, "num_samples": 10},
+                           headers={"Accept": "image/png"})
+    assert response.headers["content-type"] == "image/png"
+    assert "model;dur=" in response.headers["server-timing"]
+    grid = np.array(Image.open(io.BytesIO(response.content)))
+    assert grid.shape == (10 * 30 + 2, 1 * 30 + 2)  # 28 px and 2 px of padding per cell
+
+
+@pytest.mark.parametrize("accept, png", [
+    ("image/png", True), ("image/*", True), ("application/json", False), ("*/*", False), ("", False),
+    ("application/json;q=0.5, image/png", True), ("image/png;q=0.2, application/json", False),
+])
+def test_accept_negotiation(accept, png):
+    assert api.wants_png(accept) is png
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"digit": 10}, "digit"), ({"digit": -1}, "digit"), ({"num_samples": 0}, "num_samples"),
+    ({"num_samples": api.MAX_NUM_SAMPLES + 1}, "num_samples"), ({"steps": 0}, "steps"),
+    ({"steps": api.MAX_STEPS + 1}, "steps"), ({"num_samples": 11, "sampler": "ddpm"}, "exceeds"),
+    ({"num_samples": 100, "steps": 101}, "exceeds"), ({"guidance_scale": -1}, "guidance_scale"),
+    ({"guidance_scale": 1e9}, "guidance_scale"), ({"eta": 2}, "eta"), ({"seed": -1}, "seed"),
+    ({"sampler": "euler"}, "sampler"), ({"sampler": "gan"}, "does not draw"), ({"num_samples": "many"}, "num_samples"),
+    ({"colour": "red"}, "colour"), ({"model": "vae"}, "model"),
+])
+def test_generate_refuses_bad_parameters_with_422(client, body, field):
+    assert field in assert_problem(client.post("/v1/images/generate", json=body), 422)["detail"]
+
+
+@pytest.mark.parametrize("raw", [b'{"guidance_scale": NaN}', b'{"eta": Infinity}', b"{not json", b"[1, 2]"])
+def test_generate_refuses_non_finite_numbers_and_broken_json(client, raw):
+    response = client.post("/v1/images/generate", content=raw, headers={"Content-Type": "application/json"})
+    assert_problem(response, 422)
+
+
+def test_generate_refuses_a_model_that_is_not_served(client):
+    if "gan" in client.app.state.models["images"]:
+        pytest.skip("a GAN is served here")
+    assert "not served" in assert_problem(client.post("/v1/images/generate", json={"model": "gan"}), 422)["detail"]
+
+
+# ----------------------------------------------------------------------------
+# Audio
+# ----------------------------------------------------------------------------
+def test_reconstruct_returns_a_16khz_mono_wav_of_the_same_length(client):
+    upload = tone_wav(1.5, rate=44_100, channels=2)
+    response = client.post("/v1/audio/reconstruct", files={"file": ("tone.wav", upload, "audio/wav")},
+                           data={"griffin_lim_iters": "4"})
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
+    assert float(response.headers["x-audio-duration-seconds"]) == pytest.approx(1.5)
+    assert "model;dur=" in response.headers["server-timing"]
+    wav, rate = sf.read(io.BytesIO(response.content))
+    assert rate == audio_gen.SAMPLE_RATE and wav.ndim == 1 and len(wav) == int(1.5 * audio_gen.SAMPLE_RATE)
+    assert np.isfinite(wav).all() and np.abs(wav).max() > 0.01
+
+
+def test_reconstruct_judges_audio_by_content_not_by_name(client):
+    flac = io.BytesIO()
+    sf.write(flac, np.sin(np.arange(16_000) * 0.1) * 0.3, 16_000, format="FLAC")
+    response = client.post("/v1/audio/reconstruct", files={"file": ("upload.txt", flac.getvalue(), "text/plain")},
+                           data={"griffin_lim_iters": "2"})
+    assert response.status_code == 200
+    for name, content in [("notes.txt", b"just some text\n" * 20), ("speech.wav", b"RIFF....WAVEfmt garbage")]:
+        response = client.post("/v1/audio/reconstruct", files={"file": (name, content, "audio/wav")})
+        assert "does not decode" in assert_problem(response, 415)["detail"]
+
+
+def nan_wav() -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, np.full(16_000, np.nan, dtype=np.float32), 16_000, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("upload, form, words", [
+    (lambda: tone_wav(amplitude=0.0), {}, "silent"),
+    (lambda: tone_wav(0.2), {}, "lasts"),
+    (lambda: tone_wav(31, rate=8000, subtype="PCM_U8"), {}, "at most 30 s"),
+    (nan_wav, {}, "NaN"),
+    (tone_wav, {"griffin_lim_iters": "0"}, "griffin_lim_iters"),
+    (tone_wav, {"griffin_lim_iters": str(api.MAX_GRIFFIN_LIM_ITERS + 1)}, "griffin_lim_iters"),
+    (tone_wav, {"griffin_lim_iters": "lots"}, "griffin_lim_iters"),
+])
+def test_reconstruct_refuses_bad_audio_and_parameters_with_422(client, upload, form, words):
+    response = client.post("/v1/audio/reconstruct", files={"file": ("clip.wav", upload(), "audio/wav")}, data=form)
+    assert words in assert_problem(response, 422)["detail"]
+
+
+def test_reconstruct_without_a_file_is_422(client):
+    assert "file" in assert_problem(client.post("/v1/audio/reconstruct", data={"griffin_lim_iters": "4"}), 422)["detail"]
+
+
+# ----------------------------------------------------------------------------
+# Limits on load: body size, queue, deadline
+# ----------------------------------------------------------------------------
+def test_oversized_body_is_413_by_length_and_while_streaming(strict):
+    upload = tone_wav(2.0)  # 64 KB against a 50 KB limit
+    response = strict.post("/v1/audio/reconstruct", files={"file": ("clip.wav", upload, "audio/wav")})
+    assert "0.05 MB" in assert_problem(response, 413)["detail"]
+    sent = []
+
+    def chunks():  # no Content-Length: the server must count the bytes as they arrive
+        for _ in range(1000):
+            sent.append(1)
+            yield b"x" * 1000
+
+    response = strict.post("/v1/audio/reconstruct", content=chunks(),
+                           headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert_problem(response, 413)
+
+
+def test_full_queue_is_503_with_retry_after(strict):
+    with occupied(strict, "diffusion", calls=2):  # one running, one waiting: the single place is taken
+        response = strict.post("/v1/images/generate", json=TINY_IMAGES)
+        assert_problem(response, 503)
+        assert int(response.headers["retry-after"]) >= 1
+        # the other model has its own lane and still answers (here: its own refusal of a silent clip)
+        silent = strict.post("/v1/audio/reconstruct", files={"file": ("s.wav", tone_wav(0.5, amplitude=0), "x")})
+        assert_problem(silent, 422)
+
+
+def test_request_waiting_past_its_deadline_is_504(strict):
+    with occupied(strict, "diffusion"):
+        body = assert_problem(strict.post("/v1/images/generate", json=TINY_IMAGES), 504)
+        assert "0.5 s" in body["detail"]
+
+
+# ----------------------------------------------------------------------------
+# Security: token, CORS, bind address; misc HTTP errors
+# ----------------------------------------------------------------------------
+def test_bearer_token_from_the_environment(monkeypatch):
+    monkeypatch.setenv("IAG_API_TOKEN", "s3cret")
+    guarded = TestClient(api.create_app(api.parse_args([])))
+    response = guarded.get("/v1/models")
+    assert_problem(response, 401)
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert_problem(guarded.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    assert_problem(guarded.post("/v1/images/generate", json=TINY_IMAGES), 401)
+    assert guarded.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 503  # not loaded
+    assert guarded.get("/healthz").status_code == 200  # probes need no token
+
+
+def test_cors_is_off_unless_origins_are_given():
+    preflight = {"Origin": "http://127.0.0.1:8501", "Access-Control-Request-Method": "POST"}
+    closed = TestClient(api.create_app(api.parse_args([])))
+    assert "access-control-allow-origin" not in closed.options("/v1/images/generate", headers=preflight).headers
+    open_ = TestClient(api.create_app(api.parse_args(["--cors_origins", "http://127.0.0.1:8501"])))
+    response = open_.options("/v1/images/generate", headers=preflight)
+    assert response.headers["access-control-allow-origin"] == "http://127.0.0.1:8501"
+
+
+def test_unknown_route_and_method_are_problems(client):
+    assert_problem(client.get("/v2/everything"), 404)
+    assert_problem(client.get("/v1/images/generate"), 405)
+
+
+def test_binding_beyond_loopback_warns():
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert api.exposure_warning(host) is None
+    for host in ("0.0.0.0", "::", "192.0.2.10", "example.org"):
+        assert "other machines" in api.exposure_warning(host)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--workers", "0"], "--workers"), (["--port", "70000"], "--port"), (["--deadline_s", "nan"], "--deadline_s"),
+    (["--queue_size", "-1"], "--queue_size"), (["--max_upload_mb", "inf"], "--max_upload_mb"),
+    (["--image_checkpoint", "missing.pt"], "not a file"), (["--port", "eighty"], "--port"),
+])
+def test_bad_flags_are_one_sentence_and_exit_2(flags, words, capsys):
+    with pytest.raises(SystemExit) as stop:
+        api.parse_args(flags)
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_bad_flag_on_the_command_line_prints_one_error_line():
+    result = run_script("api.py", "--workers", "0", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "api.py: error: --workers must be at least 1, got 0"
+
+
+# ----------------------------------------------------------------------------
+# A real server: python api.py on 127.0.0.1 at a free port, stopped by the fixture
+# ----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "api.py"), "--host", "127.0.0.1", "--port", str(port),
+                                "--max_upload_mb", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):
+            assert process.poll() is None, process.stdout.read()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the server was not ready within 120 s")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_server_generates_a_png(server):
+    response = httpx.post(f"{server}/v1/images/generate", json={**TINY_IMAGES, "digit": 3},
+                          headers={"Accept": "image/png"}, timeout=60)
+    image = Image.open(io.BytesIO(response.content))
+    assert response.status_code == 200 and image.format == "PNG" and image.mode == "L"
+
+
+def test_server_round_trips_a_wav(server):
+    response = httpx.post(f"{server}/v1/audio/reconstruct", files={"file": ("tone.wav", tone_wav(), "audio/wav")},
+                          data={"griffin_lim_iters": "4"}, timeout=60)
+    wav, rate = sf.read(io.BytesIO(response.content))
+    assert response.status_code == 200 and rate == 16_000 and len(wav) == 24_000
+
+
+def test_server_refuses_oversized_and_non_audio_uploads(server):
+    big = tone_wav(40, rate=16_000)  # 1.3 MB against the 1 MB limit
+    response = httpx.post(f"{server}/v1/audio/reconstruct", files={"file": ("big.wav", big, "audio/wav")}, timeout=60)
+    assert_problem(response, 413)
+    response = httpx.post(f"{server}/v1/audio/reconstruct", files={"file": ("a.wav", b"plain text", "audio/wav")},
+                          timeout=60)
+    assert_problem(response, 415)
+
+
+def test_server_answers_8_concurrent_requests_or_sheds_them_with_503(server):
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as http:
+            images = [http.post("/v1/images/generate", json={**TINY_IMAGES, "seed": i}) for i in range(4)]
+            audio = [http.post("/v1/audio/reconstruct", files={"file": ("t.wav", tone_wav(1.0), "audio/wav")},
+                               data={"griffin_lim_iters": "4"}) for _ in range(4)]
+            return await asyncio.gather(*images, *audio)
+
+    responses = asyncio.run(burst())
+    for response in responses:
+        assert response.status_code in (200, 503), response.text
+        if response.status_code == 503:
+            assert int(response.headers["retry-after"]) >= 1
+    assert sum(r.status_code == 200 for r in responses) >= 2  # each model answered at least its first
+    seeds = [json.loads(r.content)["seed"] for r in responses[:4] if r.status_code == 200]
+    assert seeds == sorted(seeds)
