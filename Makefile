@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench-image bench-audio clean
+.PHONY: install demo test bench-image bench-audio serve webapp bench-serve clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The REST API (docs at http://127.0.0.1:8000/docs) and the web app (http://127.0.0.1:8501); see docs/serving.md.
+serve: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) api.py --host 127.0.0.1 --port 8000
+
+webapp: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m streamlit run webapp.py --server.address 127.0.0.1 --server.port 8501
+
+bench-serve: $(STAMP)
+	$(PY) benchmarks/bench_serve.py
 
 bench-image: $(STAMP)
 	$(PY) benchmarks/bench_image.py

@@ -1,0 +1,207 @@
+"""webapp.py: Streamlit's AppTest sets the widgets and runs the script; then a real headless Chromium drives
+`streamlit run webapp.py` on 127.0.0.1, with every host but loopback unresolvable (the page must work offline).
+
+The browser test skips where chromium or chromedriver is missing, unless IAG_REQUIRE_BROWSER=1 (.ci/run sets
+it), which turns the skip into a failure.
+"""
+
+import contextlib
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import ROOT
+from streamlit.testing.v1 import AppTest
+
+SCRIPT = str(ROOT / "webapp.py")
+
+
+def tone_wav(seconds: float = 1.5, amplitude: float = 0.3) -> bytes:
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    buffer = io.BytesIO()
+    sf.write(buffer, amplitude * np.sin(2 * np.pi * (220 * t + 3 * np.sin(2 * np.pi * 2 * t))), 16_000, format="WAV")
+    return buffer.getvalue()
+
+
+@pytest.fixture()
+def app() -> AppTest:
+    at = AppTest.from_file(SCRIPT, default_timeout=180).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+# ----------------------------------------------------------------------------
+# AppTest: the script with its widgets set, no browser
+# ----------------------------------------------------------------------------
+def test_page_shows_both_tabs_and_the_measured_figures_of_the_default_setting(app):
+    assert [tab.label for tab in app.tabs] == ["Digits", "Audio"]
+    assert app.selectbox(key="sampler").value == "ddim" and app.slider(key="steps").value == 20
+    assert app.metric[0].value == "12.5"  # FID-1k of DDIM-20, eta 0, guidance 1: the README's figure
+    assert not app.error
+
+
+def test_generate_draws_the_grid_and_the_animation(app):
+    app.selectbox(key="digit").set_value(7)
+    app.slider(key="num_samples").set_value(4)
+    app.slider(key="steps").set_value(3)
+    app.button[0].click()  # the form's Generate
+    app.run()
+    assert_clean(app)
+    assert app.get("status")[0].proto.label.startswith("Drew 4 digits")
+    assert len(app.image) == 2 and len(app.get("download_button")) == 2
+    assert app.metric[0].value == "not measured"  # DDIM-3 has no benchmark figure
+
+
+def test_generate_refuses_what_the_api_refuses_with_one_message(app):
+    app.selectbox(key="sampler").set_value("ddpm")
+    app.slider(key="num_samples").set_value(20)  # 20 x 1000 steps > 10,000
+    app.button[0].click()
+    app.run()
+    assert_clean(app)
+    assert len(app.error) == 1 and "exceeds" in app.error[0].value
+    assert not app.image
+
+
+def test_reconstruct_shows_spectrograms_players_and_metrics(app):
+    app.file_uploader(key="upload").set_value(("tone.wav", tone_wav(), "audio/wav"))
+    app.slider(key="griffin_lim_iters").set_value(4)
+    app.checkbox(key="speech").uncheck()
+    app.run()
+    app.button(key="reconstruct").click()
+    app.run()
+    assert_clean(app)
+    assert not app.error
+    assert len(app.get("audio")) == 2 and len(app.image) == 1  # the two players, the spectrogram figure
+    table = app.table[0].value
+    assert list(table.columns) == ["metric", "autoencoder", "Griffin-Lim ceiling"]
+    assert float(table["autoencoder"][0]) > 0  # spectral convergence
+
+
+@pytest.mark.parametrize("content, words", [(b"this is not audio\n" * 50, "does not decode"),
+                                            (tone_wav(amplitude=0.0), "silent"), (tone_wav(0.2), "lasts")])
+def test_bad_upload_gets_one_clear_message_and_no_traceback(app, content, words):
+    app.file_uploader(key="upload").set_value(("clip.wav", content, "audio/wav"))
+    app.run()
+    app.button(key="reconstruct").click()
+    app.run()
+    assert_clean(app)
+    assert len(app.error) == 1 and words in app.error[0].value
+    assert not app.get("audio")
+
+
+# ----------------------------------------------------------------------------
+# A real browser on `streamlit run webapp.py`
+# ----------------------------------------------------------------------------
+def browser_or_skip() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if chromium and driver:
+        return chromium, driver
+    reason = "no chromium and chromedriver here (apt-get install -y chromium chromium-driver)"
+    if os.environ.get("IAG_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"IAG_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def streamlit_url():
+    browser_or_skip()
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "streamlit", "run", SCRIPT, "--server.address", "127.0.0.1",
+                                "--server.port", str(port)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert process.poll() is None, process.stdout.read()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/_stcore/health", timeout=2).text == "ok":
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("streamlit did not come up within 60 s")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def browser(streamlit_url):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = browser_or_skip()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1400,2000", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+        options.add_argument(flag)  # the last one: no host but loopback resolves, so the page must be offline
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    chrome.set_page_load_timeout(120)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def wait_for(chrome, css: str, count: int = 1, timeout: float = 180):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(chrome, timeout).until(
+        lambda d: (found := d.find_elements(By.CSS_SELECTOR, css)) and len(found) >= count and found)
+
+
+def click_text(chrome, tag: str, text: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    element = WebDriverWait(chrome, 180).until(
+        lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, tag) if e.text.strip() == text), None))
+    chrome.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", element)
+
+
+def test_browser_generates_a_digit_and_reconstructs_a_wav(browser, streamlit_url, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(streamlit_url)
+    click_text(browser, "[data-testid='stForm'] button", "Generate")
+    images = wait_for(browser, "[data-testid='stImage'] img", count=2)
+    assert all(image.get_attribute("naturalWidth") != "0" for image in images)  # decoded, not a broken icon
+
+    click_text(browser, "[data-testid='stTab']", "Audio")
+    clip = tmp_path / "tone.wav"
+    clip.write_bytes(tone_wav(1.0))
+    wait_for(browser, "input[type='file']")[0].send_keys(str(clip))
+    click_text(browser, "button", "Reconstruct")
+    players = wait_for(browser, "audio", count=2)
+    reconstruction = httpx.get(players[-1].get_attribute("src"), timeout=30)
+    wav, rate = sf.read(io.BytesIO(reconstruction.content))
+    assert rate == 16_000 and len(wav) == 16_000
+    assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert all(name.startswith(("http://127.0.0.1", "blob:", "data:")) for name in loaded), loaded
+    browser.save_screenshot(os.environ.get("IAG_SCREENSHOT", str(tmp_path / "webapp.png")))

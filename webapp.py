@@ -1,0 +1,269 @@
+"""Streamlit web interface for both models: draw MNIST digits, reconstruct your own audio.
+
+    make webapp                                             # http://127.0.0.1:8501
+    streamlit run webapp.py                                 # the same; .streamlit/config.toml keeps it headless
+    streamlit run webapp.py --server.address 127.0.0.1 --server.port 8502
+
+The page holds only widgets and the cache: loading a checkpoint, sampling and reconstructing are the
+scripts' own inference surfaces, and the limits (samples, steps, Griffin-Lim iterations, upload size and
+duration) are api.py's, so the page refuses exactly what the API refuses. The models load once per
+process (st.cache_resource) and every browser session shares them; a lock per model runs one request
+at a time, as the API's lanes do. Nothing is fetched from the internet and no usage statistics are sent.
+"""
+
+import io
+import os
+import threading
+import time
+
+import numpy as np
+import pydantic
+import streamlit as st
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from torchvision.utils import make_grid
+
+import api
+import audio_gen
+import image_gen
+
+# ----------------------------------------------------------------------------
+# Config: the benchmark figures shown beside each setting (README, "Results at a glance")
+# ----------------------------------------------------------------------------
+UPSCALE = 4  # 28-px digits drawn at 112 px, nearest neighbour
+FID_SOURCE = ("1,000 samples of the shipped model (100 per digit, sample seed 1) against the 10,000 MNIST test "
+              "images, TF-Inception pool3: `benchmarks/bench_image.py --only checkpoint --checkpoint "
+              "models/pretrained/diffusion_model.pt --skip_ddpm_fid`")
+FID = {("ddim", 20, 0.0, 1.0): 12.5, ("ddim", 50, 0.0, 1.0): 12.7, ("ddim", 50, 1.0, 1.0): 10.4}
+SPEED_SOURCE = "batch 100, one CPU thread, bf16 autocast: `benchmarks/bench_image.py --only speed`"
+MS_PER_IMAGE_STEP = 1.0  # DDIM-50 at 50 ms/image; DDPM-1000 at 1.01 s/image
+# The same IAG_* variables as api.py; unset, the checkpoints are the ones --mode infer picks.
+TORCH_THREADS = int(os.environ.get("IAG_TORCH_THREADS", "1"))
+IMAGE_CHECKPOINT = os.environ.get("IAG_IMAGE_CHECKPOINT")
+GAN_CHECKPOINT = os.environ.get("IAG_GAN_CHECKPOINT")
+AUDIO_CHECKPOINT = os.environ.get("IAG_AUDIO_CHECKPOINT")
+
+
+# ----------------------------------------------------------------------------
+# Models: loaded once per process, shared by every session, one call at a time each
+# ----------------------------------------------------------------------------
+@st.cache_resource(show_spinner="Loading the diffusion model…")
+def image_models() -> dict[str, tuple[image_gen.ImageGenerator, threading.Lock]]:
+    torch.set_num_threads(TORCH_THREADS)
+    models = {"diffusion": (image_gen.load_image_generator(IMAGE_CHECKPOINT, model="diffusion"), threading.Lock())}
+    try:
+        models["gan"] = (image_gen.load_image_generator(GAN_CHECKPOINT, model="gan"), threading.Lock())
+    except image_gen.UsageError:
+        if GAN_CHECKPOINT:
+            raise
+        # no GAN checkpoint trained or shipped: diffusion only
+    return models
+
+
+@st.cache_resource(show_spinner="Loading the audio autoencoder…")
+def audio_model() -> tuple[audio_gen.AudioModel, threading.Lock]:
+    torch.set_num_threads(TORCH_THREADS)
+    return audio_gen.load_audio_model(AUDIO_CHECKPOINT), threading.Lock()
+
+
+# ----------------------------------------------------------------------------
+# Pictures and sounds as bytes
+# ----------------------------------------------------------------------------
+def enlarge(image_u8: np.ndarray) -> Image.Image:
+    image = Image.fromarray(image_u8, mode="L")
+    return image.resize((image.width * UPSCALE, image.height * UPSCALE), Image.NEAREST)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def digit_grid(images_u8: np.ndarray, digit: int | None, conditional: bool) -> np.ndarray:
+    """Balanced samples with one digit per column (the page is wide, unlike the CLI's one per row), else
+    the API's near-square grid."""
+    if not conditional or digit is not None:
+        return api.grid_u8(images_u8, digit, conditional)
+    labels = image_gen.balanced_labels(len(images_u8), None, "cpu").numpy()
+    rows = np.bincount(labels, minlength=10).max()
+    cells = np.full((rows, 10, *images_u8.shape[1:]), 255, np.uint8)  # (row, digit, H, W), blank cells white
+    for image, label, row in zip(images_u8, labels, np.arange(len(labels)) - np.searchsorted(labels, labels),
+                                 strict=True):
+        cells[row, label] = image
+    cells = torch.from_numpy(cells.reshape(-1, *images_u8.shape[1:]))[:, None]  # (rows * 10, 1, H, W)
+    return make_grid(cells, nrow=10, padding=2, pad_value=255)[0].numpy()
+
+
+def denoising_gif(frames: list[np.ndarray], digit: int | None, conditional: bool) -> bytes:
+    """Each denoising frame (N, 28, 28) as a grid, the finished digits held for 1.5 s."""
+    pictures = [enlarge(digit_grid(frame, digit, conditional)) for frame in frames]
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:],
+                     duration=[80] * (len(pictures) - 1) + [1500], loop=0)
+    return buffer.getvalue()
+
+
+def mel_figure(mel: torch.Tensor, mel_hat: torch.Tensor) -> Figure:
+    """Original and reconstructed log-mel side by side, on one colour scale."""
+    fig = Figure(figsize=(10, 3.2))
+    low, high = mel.min().item(), mel.max().item()
+    for ax, (title, m) in zip(fig.subplots(1, 2, sharey=True), [("original", mel), ("reconstructed", mel_hat)],
+                              strict=True):
+        ax.imshow(m.numpy(), origin="lower", aspect="auto", vmin=low, vmax=high, cmap="magma")
+        ax.set_title(f"{title} log-mel", fontsize=10)
+        ax.set_xlabel("frame")
+    fig.axes[0].set_ylabel("mel bin")
+    fig.tight_layout()
+    return fig
+
+
+def first_error(error: pydantic.ValidationError) -> str:
+    first = error.errors()[0]
+    return f"{'.'.join(map(str, first['loc'])) or 'settings'}: {first['msg'].removeprefix('Value error, ')}"
+
+
+# ----------------------------------------------------------------------------
+# Digits tab
+# ----------------------------------------------------------------------------
+def figures_for(sampler: str, steps: int, eta: float, guidance: float) -> tuple[str, str]:
+    """The measured FID of this setting (or that none was measured) and its expected sampling time."""
+    network_steps = api.DDPM_STEPS if sampler == "ddpm" else steps
+    key = (sampler, network_steps if sampler == "ddim" else steps, eta if sampler == "ddim" else 0.0, guidance)
+    fid = f"{FID[key]:.1f}" if key in FID else "not measured"
+    cost = MS_PER_IMAGE_STEP * network_steps * (2 if guidance != 1 else 1)  # guidance runs the U-Net twice
+    return fid, f"≈ {cost:.0f} ms/image"
+
+
+def digits_tab() -> None:
+    models = image_models()
+    model = st.radio("Model", list(models), horizontal=True, key="model", help="the GAN appears here once one is trained")
+    generator, lock = models[model]
+    with st.form("digits"):
+        left, right = st.columns(2)
+        digit = left.selectbox("Digit", ["all ten", *range(10)], key="digit", disabled=not generator.class_conditional)
+        num_samples = left.slider("Samples", 1, api.MAX_NUM_SAMPLES, 30, key="num_samples")
+        seed = left.number_input("Seed", 0, 2**32 - 1, 0, key="seed", help="the same seed and settings draw the same digits")
+        samplers = list(generator.samplers)
+        sampler = right.selectbox("Sampler", samplers, index=samplers.index(api.DEFAULT_SAMPLER[generator.kind]), key="sampler",
+                                  help="ddpm walks all 1000 steps; ddim and dpmpp take the steps below")
+        steps = right.slider("Steps", 1, 200, 20, key="steps", disabled=generator.kind == "gan")
+        guidance = right.slider("Guidance scale", 0.0, 5.0, 1.0, 0.5, key="guidance", disabled=not generator.class_conditional)
+        eta = right.slider("η (DDIM noise)", 0.0, 1.0, 0.0, 0.5, key="eta")
+        submitted = st.form_submit_button("Generate", type="primary")
+    fid, speed = figures_for(sampler, steps, eta, guidance)
+    fid_column, speed_column, source_column = st.columns([1, 1, 4])
+    fid_column.metric("FID-1k of this setting", fid)
+    speed_column.metric("Sampling", speed)
+    source_column.caption(f"Benchmark figures. FID: {FID_SOURCE}. Speed: {SPEED_SOURCE}; guidance runs the U-Net "
+                          f"twice.")
+
+    if submitted:
+        chosen = None if digit == "all ten" else int(digit)
+        try:
+            request = api.ImageRequest(model=model, digit=chosen, num_samples=num_samples, sampler=sampler,
+                                       steps=steps, guidance_scale=guidance, eta=eta, seed=int(seed))
+        except pydantic.ValidationError as error:
+            st.error(first_error(error))
+            return
+        frames: list[np.ndarray] = []
+        with st.status(f"Drawing {num_samples} digits with {sampler}…", expanded=False) as status:
+            started = time.monotonic()
+            with lock:
+                images = generator.generate(request.num_samples, digit=request.digit, sampler=request.sampler,
+                                            steps=request.steps, guidance_scale=request.guidance_scale,
+                                            eta=request.eta, seed=request.seed, frames=frames)
+            seconds = time.monotonic() - started
+            status.update(label=f"Drew {num_samples} digits in {seconds:.2f} s", state="complete")
+        grid = enlarge(digit_grid(images, request.digit, generator.class_conditional))
+        st.session_state.drawn = {"grid": png(grid), "gif": denoising_gif(frames, request.digit,
+                                                                           generator.class_conditional),
+                                   "caption": f"{num_samples} samples, {sampler}, seed {request.seed}, "
+                                              f"{seconds:.2f} s"}
+
+    if drawn := st.session_state.get("drawn"):
+        grid_column, gif_column = st.columns(2)
+        grid_column.image(drawn["grid"], caption=drawn["caption"], output_format="PNG")
+        grid_column.download_button("Download the grid (PNG)", drawn["grid"], "digits.png", "image/png")
+        gif_column.image(drawn["gif"], caption="noise → digits", output_format="GIF")
+        gif_column.download_button("Download the animation (GIF)", drawn["gif"], "denoising.gif", "image/gif")
+
+
+# ----------------------------------------------------------------------------
+# Audio tab
+# ----------------------------------------------------------------------------
+def metrics_table(metrics: dict) -> dict[str, list]:
+    """Rows of the waveform metrics, the autoencoder beside the Griffin-Lim ceiling (the original mel inverted)."""
+    model, ceiling = metrics["waveform"]["autoencoder"], metrics["waveform"]["griffin_lim_ceiling"]
+    names = {"spectral_convergence": "spectral convergence (lower is better)",
+             "log_spectral_distance_db": "log-spectral distance, dB (lower is better)",
+             "pesq_wb": "PESQ-WB (speech, higher is better)", "stoi": "STOI (speech, higher is better)"}
+
+    def show(value: float | str) -> str:
+        return value if isinstance(value, str) else f"{value:.3f}"
+
+    return {"metric": list(names.values()), "autoencoder": [show(model[k]) for k in names],
+            "Griffin-Lim ceiling": [show(ceiling[k]) for k in names]}
+
+
+def audio_tab() -> None:
+    model, lock = audio_model()
+    source = st.radio("Audio", ["Upload a file", "Record with the microphone"], horizontal=True, key="source")
+    if source == "Upload a file":
+        upload = st.file_uploader(f"{api.AUDIO_FORMATS}, at most {api.MAX_AUDIO_SECONDS:g} s",
+                                  type=["wav", "flac", "ogg"], key="upload")
+    else:
+        upload = st.audio_input("Record a clip", key="recording")
+    left, right = st.columns(2)
+    iterations = left.slider("Griffin-Lim iterations", 1, api.MAX_GRIFFIN_LIM_ITERS, 32, key="griffin_lim_iters")
+    speech = right.checkbox("Speech (adds PESQ-WB and STOI)", value=True, key="speech")
+    if upload is not None and st.button("Reconstruct", type="primary", key="reconstruct"):
+        data = upload.getvalue()
+        try:
+            if len(data) > api.MAX_UPLOAD_MB * 1e6:
+                raise api.Problem(413, f"the file exceeds the {api.MAX_UPLOAD_MB} MB limit")
+            api.probe_audio(data, api.MAX_AUDIO_SECONDS)  # not audio, or too long: refused before any work
+            wav = audio_gen.decode_audio(data, name=upload.name)
+        except api.Problem as error:
+            st.error(error.detail)
+            return
+        except audio_gen.UsageError as error:
+            st.error(str(error))
+            return
+        with st.status(f"Reconstructing {wav.numel() / model.sample_rate:.1f} s…") as status:
+            started = time.monotonic()
+            with lock:
+                rec = model.reconstruct(wav, griffin_lim_iters=iterations)
+                metrics = model.metrics(wav, rec, speech_like=speech)
+            status.update(label=f"Reconstructed in {time.monotonic() - started:.2f} s", state="complete")
+        st.session_state.reconstructed = {"wav": wav.numpy(), "rec": rec, "metrics": metrics,
+                                  "wav_bytes": api.wav_bytes(rec["wav_hat"], model.sample_rate)}
+
+    if done := st.session_state.get("reconstructed"):
+        st.pyplot(mel_figure(done["rec"]["mel"], done["rec"]["mel_hat"]))
+        original, reconstructed = st.columns(2)
+        original.caption("original (16 kHz mono)")
+        original.audio(done["wav"], sample_rate=model.sample_rate)
+        reconstructed.caption(f"reconstructed ({model.kind}, Griffin-Lim)")
+        reconstructed.audio(done["wav_bytes"], format="audio/wav")
+        reconstructed.download_button("Download the reconstruction (WAV)", done["wav_bytes"], "reconstruction.wav",
+                                      "audio/wav")
+        st.table(metrics_table(done["metrics"]))
+        st.caption(f"mel MSE {done['metrics']['mel']['mse']:.4f}. The Griffin-Lim ceiling inverts the original "
+                   f"mel through the same path: no autoencoder can beat it.")
+
+
+# ----------------------------------------------------------------------------
+# Page
+# ----------------------------------------------------------------------------
+st.set_page_config(page_title="ImageAudioGen", layout="wide")
+st.title("ImageAudioGen")
+digits, audio = st.tabs(["Digits", "Audio"])
+try:
+    with digits:
+        digits_tab()
+    with audio:
+        audio_tab()
+except (image_gen.UsageError, audio_gen.UsageError) as error:  # a checkpoint that does not load
+    st.error(f"The models could not be loaded: {error}")
