@@ -128,12 +128,12 @@ def first_error(error: pydantic.ValidationError) -> str:
 # Digits tab
 # ----------------------------------------------------------------------------
 def figures_for(sampler: str, steps: int, eta: float, guidance: float) -> tuple[str, str]:
-    """The measured FID of this setting (or that none was measured) and its expected sampling time."""
+    """The measured FID of this setting (or that none was measured) and its expected sampling time per image."""
     network_steps = api.DDPM_STEPS if sampler == "ddpm" else steps
     key = (sampler, network_steps if sampler == "ddim" else steps, eta if sampler == "ddim" else 0.0, guidance)
     fid = f"{FID[key]:.1f}" if key in FID else "not measured"
     cost = MS_PER_IMAGE_STEP * network_steps * (2 if guidance != 1 else 1)  # guidance runs the U-Net twice
-    return fid, f"≈ {cost:.0f} ms/image"
+    return fid, f"≈ {cost:.0f} ms"
 
 
 def digits_tab() -> None:
@@ -155,7 +155,7 @@ def digits_tab() -> None:
     fid, speed = figures_for(sampler, steps, eta, guidance)
     fid_column, speed_column, source_column = st.columns([1, 1, 4])
     fid_column.metric("FID-1k of this setting", fid)
-    speed_column.metric("Sampling", speed)
+    speed_column.metric("Sampling per image", speed)
     source_column.caption(f"Benchmark figures. FID: {FID_SOURCE}. Speed: {SPEED_SOURCE}; guidance runs the U-Net "
                           f"twice.")
 
