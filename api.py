@@ -265,7 +265,7 @@ def load_models(args: argparse.Namespace) -> dict[str, Any]:
     images = {"diffusion": image_gen.load_image_generator(args.image_checkpoint, model="diffusion", device=device)}
     try:
         images["gan"] = image_gen.load_image_generator(args.gan_checkpoint, model="gan", device=device)
-    except (image_gen.UsageError, ValueError, TypeError) as error:
+    except image_gen.UsageError as error:
         if args.gan_checkpoint:
             raise
         log.info("no GAN served: %s", error)  # no GAN checkpoint trained or shipped yet
@@ -276,6 +276,17 @@ def load_models(args: argparse.Namespace) -> dict[str, Any]:
     tone = torch.sin(torch.arange(audio.sample_rate) * 0.05) * 0.1  # 1 s of a 127 Hz tone
     wav_bytes(audio.reconstruct(tone, griffin_lim_iters=1)["wav_hat"], audio.sample_rate)
     return {"images": images, "audio": audio}
+
+
+def check_checkpoints(args: argparse.Namespace) -> None:
+    """Load each checkpoint named by a flag once on the CPU, so that one from the other script, a truncated one or
+    one of a future format stops `python api.py` with one line, not a server that never becomes ready."""
+    if args.image_checkpoint:
+        image_gen.load_image_generator(args.image_checkpoint, model="diffusion", device="cpu")
+    if args.gan_checkpoint:
+        image_gen.load_image_generator(args.gan_checkpoint, model="gan", device="cpu")
+    if args.audio_checkpoint:
+        audio_gen.load_audio_model(args.audio_checkpoint, device="cpu")
 
 
 # ----------------------------------------------------------------------------
@@ -564,6 +575,11 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     args = parse_args(argv)
+    try:
+        check_checkpoints(args)
+    except (image_gen.UsageError, audio_gen.UsageError) as error:
+        print(f"api.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     if warning := exposure_warning(args.host):
         print(warning, file=sys.stderr)
     # Every worker process imports api.py afresh and builds its app from the environment: hand the flags over.

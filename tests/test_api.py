@@ -340,6 +340,14 @@ def test_bad_flag_on_the_command_line_prints_one_error_line():
     assert result.stderr.strip().splitlines()[-1] == "api.py: error: --workers must be at least 1, got 0"
 
 
+def test_a_checkpoint_from_the_other_script_stops_the_server_before_it_serves():
+    result = run_script("api.py", "--audio_checkpoint", str(ROOT / "models" / "pretrained" / "diffusion_model.pt"),
+                        timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("api.py: error: checkpoint") and "audio_gen.py" in last
+
+
 # ----------------------------------------------------------------------------
 # A real server: python api.py on 127.0.0.1 at a free port, stopped by the fixture
 # ----------------------------------------------------------------------------
