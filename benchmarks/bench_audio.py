@@ -1,116 +1,69 @@
-"""Benchmark of audio_gen.py: the autoencoder against PCA with the same latent budget, and its speed.
+"""Benchmark of audio_gen.py on audio no training run has heard: the project's corpus, held-out split.
 
-For each set (synthetic harmonic, synthetic mixture, real speech) both models are fitted on the same
-training clips and scored on held-out clips:
-  - mel MSE and cosine on the normalised log-mel (the training objective's domain);
-  - on speech: wideband PESQ and STOI after the mel inverse + Griffin-Lim (32 iterations), for the
-    project's NNLS inverse and torchaudio's InverseMelScale, beside the Griffin-Lim ceiling (same path
-    started from the original mel);
-and the time to reconstruct one 5-s clip (encode, decode, mel inverse, 32 Griffin-Lim iterations) on one thread.
-PCA baseline: the mel is cut into 16-frame patches (n_mels x 16 numbers) and each is kept as its top 64
-principal components: the 64 numbers per 16 frames the autoencoder's latent holds. The autoencoder's linear patch
-path starts as this same PCA (audio_gen.py's init_linear_path), so the margin measures what training it together with
-the convolutional path adds.
+The held-out split has voices of other languages and voice variants reading new sentences, and songs with
+other General MIDI programs at tempos outside the training range (audio_gen.py's SPEECH_LANGUAGES,
+VOICE_VARIANTS, GM_PROGRAMS, TEMPO_RANGES). Four parts, each optional:
 
-Speech is synthesised with Debian's espeak-ng (apt-get install espeak-ng), or read from --wav_dir.
+  held-out   a checkpoint, per source (speech, music mixture, each stem, synthetic stems): mel MSE against PCA
+             with the same latent budget, spectral convergence and log-spectral distance after the mel inverse
+             + Griffin-Lim beside the Griffin-Lim ceiling (the same path from the original mel), PESQ-WB and
+             STOI on speech; plus the held-out synthetic mixtures the earlier specialist was scored on.
+  rate       rate-distortion: one model per latent budget (--budgets), trained the same way for --steps steps,
+             against PCA at each budget and the ceiling; writes docs/audio/rate_distortion.png.
+  long       a 10-minute file through `audio_gen.py --mode infer --input`: wall time and peak memory, beside a
+             1-minute file (chunked reconstruction keeps memory flat).
+  speed      one 5-s clip reconstructed on one thread.
 
-    python benchmarks/bench_audio.py                       # about 15 minutes on one CPU thread
-    python benchmarks/bench_audio.py --wav_dir ~/speech    # your own speech instead of espeak-ng
-    python benchmarks/bench_audio.py --epochs 5 --sets harmonic    # a quick look
-    python benchmarks/bench_audio.py --checkpoint models/pretrained/audio_autoencoder.pt   # a trained model vs PCA
+PCA: the mel is cut into 16-frame patches (n_mels x 16 numbers) and each keeps its top-k principal components,
+fitted on training clips of the corpus with the checkpoint's normalisation: k numbers per 16 frames, the
+autoencoder's latent budget.
+
+    python audio_gen.py --mode corpus --corpus_dir data/corpus --corpus_minutes 90      # once, 3 minutes
+    python benchmarks/bench_audio.py --corpus_dir data/corpus --parts held-out,long,speed
+    python benchmarks/bench_audio.py --corpus_dir data/corpus --parts rate --epochs 2
 """
 
 import argparse
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+import matplotlib
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import audio_gen as ag  # noqa: E402
 
-WORDS = ("the a one two red green small large river mountain garden window morning evening people music "
-         "quickly slowly often never always carry follow build listen remember answer open close water light "
-         "stone paper table station market teacher doctor winter summer yellow quiet simple strong bright "
-         "under over after before between through seven eleven twenty hundred bring take give find keep").split()
-VOICES = ("en+m1", "en+m3", "en+m5", "en+m7", "en+f1", "en+f2", "en+f3", "en+f4", "en-us+m2", "en-us+f5")
+LATENT_FRAMES_PER_SECOND = ag.SAMPLE_RATE / ag.HOP / ag.TIME_STRIDE  # 3.19 latent frames per second of audio
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="audio autoencoder vs PCA benchmark")
-    p.add_argument("--sets", default="harmonic,mixture,speech", help="comma-separated: any synthetic stem, and speech")
-    p.add_argument("--train_clips", type=int, default=768, help="5-s training clips per set")
-    p.add_argument("--val_clips", type=int, default=24, help="5-s held-out clips per set")
-    p.add_argument("--epochs", type=int, default=40, help="autoencoder epochs over the training clips")
-    p.add_argument("--batch_size", type=int, default=16, help="autoencoder batch size")
-    p.add_argument("--learning_rate", type=float, default=1e-3, help="autoencoder peak learning rate (warm-up, cosine)")
-    p.add_argument("--weight_decay", type=float, default=0.05, help="autoencoder AdamW weight decay")
-    p.add_argument("--hidden_channels", type=int, default=192, help="autoencoder hidden channels")
-    p.add_argument("--latent_dim", type=int, default=64, help="latent channels per 16 frames = PCA components per 16-frame patch")
-    p.add_argument("--checkpoint", default=None,
-                   help="score this trained audio_gen.py checkpoint instead of training: against PCA fitted on its own "
-                        "synthetic training clips, on its own held-out clips")
-    p.add_argument("--wav_dir", default=None, help="speech folder to use instead of espeak-ng")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (timings are always on one)")
-    p.add_argument("--seed", type=int, default=0, help="seeds data, initialisation and Griffin-Lim")
+    p = argparse.ArgumentParser(description="audio_gen.py on held-out speech and music")
+    p.add_argument("--corpus_dir", default="data/corpus", help="a corpus rendered by audio_gen.py --mode corpus")
+    p.add_argument("--checkpoint", default=str(ag.PRETRAINED_CHECKPOINT), help="the model scored by held-out, long, speed")
+    p.add_argument("--parts", default="held-out,long,speed", help="comma-separated: held-out, rate, long, speed")
+    p.add_argument("--wave_clips", type=int, default=24, help="held-out 5-s clips per source taken through Griffin-Lim")
+    p.add_argument("--pca_clips", type=int, default=1500, help="training clips PCA is fitted on")
+    p.add_argument("--budgets", default="16,32,64,128", help="rate: latent channels per 16 frames, one model each")
+    p.add_argument("--epochs", type=int, default=2, help="rate: training epochs per model (an epoch: one draw per clip)")
+    p.add_argument("--long_minutes", type=float, default=10.0, help="long: length of the long input")
+    p.add_argument("--seed", type=int, default=0, help="seeds sampling of clips, initialisation and Griffin-Lim")
     return p.parse_args()
 
 
-def espeak_clips(n: int, seed: int, workdir: Path) -> torch.Tensor:
-    """n 5-s clips of espeak-ng speech: random word sequences, ten voices, varied rate and pitch."""
-    rng = np.random.default_rng(seed)
-    stream, k = [], 0
-    while sum(s.numel() for s in stream) < (n + 1) * ag.CLIP_SAMPLES:
-        text = " ".join(rng.choice(WORDS, rng.integers(8, 16)))
-        out = workdir / f"utt_{seed}_{k}.wav"
-        subprocess.run(["espeak-ng", "-v", VOICES[k % len(VOICES)], "-s", str(rng.integers(135, 185)),
-                        "-p", str(rng.integers(30, 70)), "-w", str(out), text], check=True)
-        stream += [ag.read_audio(out), torch.zeros(int(rng.uniform(0.1, 0.4) * ag.SAMPLE_RATE))]
-        k += 1
-    return torch.stack(ag.cut_segments(torch.cat(stream))[:n])
-
-
-def load_set(name: str, cfg: argparse.Namespace, workdir: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(train clips, held-out clips, description), each (N, CLIP_SAMPLES)."""
-    if name != "speech":
-        ds = ag.SyntheticMUSDBDataset(cfg.train_clips + cfg.val_clips, name, cfg.seed)
-        clips = torch.stack([ds[i] for i in range(len(ds))])
-        return clips[: cfg.train_clips], clips[cfg.train_clips :], f"synthetic {name}"
-    if cfg.wav_dir:
-        clips = ag.load_segments(sorted(p for p in Path(cfg.wav_dir).rglob("*") if p.suffix.lower() in ag.AUDIO_SUFFIXES))
-        n_val = max(1, len(clips) // 10)
-        return clips[n_val:], clips[:n_val], f"speech from {cfg.wav_dir}"
-    # different seeds: held-out sentences never appear in training (the ten voices do)
-    return (espeak_clips(cfg.train_clips, cfg.seed, workdir), espeak_clips(cfg.val_clips, cfg.seed + 1, workdir),
-            "espeak-ng speech, 10 voices")
-
-
-def train_autoencoder(train: torch.Tensor, val: torch.Tensor, cfg: argparse.Namespace, workdir: Path) -> tuple:
-    """The project's own training on these clips, as audio_gen.py's train() does it: normalisation fitted on the training
-    clips, mels computed once, linear path set to their PCA, then AudioTrainer. Returns (model, preprocessor,
-    training mels, held-out mels, seconds)."""
-    tcfg = argparse.Namespace(epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                              weight_decay=cfg.weight_decay, seed=cfg.seed,
-                              n_mels=128, latent_dim=cfg.latent_dim, hidden_channels=cfg.hidden_channels, stem="bench",
-                              num_samples=len(train), audio_dir=None, musdb_root=None)
-    ag.seed_everything(cfg.seed)
-    model = ag.AudioAutoencoder(128, cfg.latent_dim, cfg.hidden_channels)
-    start = time.perf_counter()
-    cpu = torch.device("cpu")
-    pre = ag.AudioPreprocessor(128)
-    train_mel, val_mel = ag.log_mels(train, pre, 64, cpu), ag.log_mels(val, pre, 64, cpu)
-    pre = ag.AudioPreprocessor(128, *ag.fit_normalisation(train_mel))
-    train_mel, val_mel = pre.normalise(train_mel), pre.normalise(val_mel)
-    model.init_linear_path(train_mel)
-    trainer = ag.AudioTrainer(model, pre, tcfg, cpu, 0, 1, steps_per_epoch=-(-len(train) // cfg.batch_size))
-    trainer.fit(train_mel, val_mel, workdir / "ae.pt")
-    return model.eval(), pre, train_mel, val_mel, time.perf_counter() - start
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def pca_reconstruct(train_mel: torch.Tensor, val_mel: torch.Tensor, k: int) -> torch.Tensor:
@@ -121,122 +74,204 @@ def pca_reconstruct(train_mel: torch.Tensor, val_mel: torch.Tensor, k: int) -> t
 
     X = patches(train_mel).double()
     mu = X.mean(0)
-    V = torch.linalg.svd(X - mu, full_matrices=False).Vh[:k]  # (k, n_mels*16)
-    P = patches(val_mel).double()
-    rec = ((P - mu) @ V.T @ V + mu).float()
+    cov = (X - mu).T @ (X - mu) / len(X)
+    V = torch.linalg.eigh(cov).eigenvectors[:, -k:].T  # (k, n_mels*16)
+    rec = ((patches(val_mel).double() - mu) @ V.T @ V + mu).float()
     B, C, T = val_mel.shape
     return rec.reshape(B, T // 16, C, 16).permute(0, 2, 1, 3).reshape(B, C, T)
 
 
-def speech_scores(wav: torch.Tensor, mel: torch.Tensor, pre, inverse: str, seed: int) -> tuple[float, float]:
+def normalised_mels(pre: ag.AudioPreprocessor, clips: torch.Tensor) -> torch.Tensor:
+    """Clips (N, L) -> normalised log-mels at the model's level, as training and inference see them."""
+    with torch.no_grad():
+        return torch.cat([pre(c * pre.level_gain(c)) for c in clips.split(64)])
+
+
+def after_inverse(pre: ag.AudioPreprocessor, clips: torch.Tensor, mels: torch.Tensor, speech: bool, seed: int) -> dict:
+    """Waveform metrics of mels (at the clips' level) after the NNLS inverse and 32 Griffin-Lim iterations."""
     torch.manual_seed(seed)
-    out = pre.to_waveform(mel, wav.shape[-1], 32, inverse)
-    w = ag.waveform_metrics(wav, out, speech_like=True)
-    return w["pesq_wb"], w["stoi"]
+    with torch.no_grad():
+        out = pre.to_waveform(mels, clips.shape[-1], 32) / pre.level_gain(clips)
+    return ag.waveform_metrics(clips, out, speech)
 
 
-def time_reconstruction(model, pre, clip: torch.Tensor, repeats: int = 7) -> tuple[float, float]:
-    """Median seconds for the whole 5-s reconstruction, and for Griffin-Lim alone, on one thread."""
+def held_out(cfg: argparse.Namespace, audio: ag.AudioModel, train: torch.Tensor, val: torch.Tensor,
+             val_sources: list[str]) -> None:
+    pre, model, k = audio.pre, audio.model, audio.config["latent_dim"]
+    train_mel = normalised_mels(pre, train)
+    print(f"\n== held-out corpus, checkpoint {audio.checkpoint} (epoch {audio.epoch}, {k} latent channels); "
+          f"PCA fitted on {len(train)} training clips")
+    print("| source | clips | mel MSE: model / PCA | spectral convergence: model / PCA / ceiling | "
+          "LSD dB: model / ceiling | PESQ-WB: model / PCA / ceiling | STOI: model / PCA / ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    labels = np.array(val_sources)
+    for source in dict.fromkeys(val_sources):
+        clips = val[torch.from_numpy(labels == source)]
+        mel = normalised_mels(pre, clips)
+        with torch.no_grad():
+            model_mel = torch.cat([model(m) for m in mel.split(32)])
+        pca_mel = pca_reconstruct(train_mel, mel, k)
+        mse = [ag.mel_metrics(mel, m, pre)["mse"] for m in (model_mel, pca_mel)]
+        n, speech = min(cfg.wave_clips, len(clips)), source == "speech"
+        w = [after_inverse(pre, clips[:n], m[:n], speech, cfg.seed) for m in (model_mel, pca_mel, mel)]
+        fmt = lambda key: " / ".join(f"{x[key]:.3f}" if isinstance(x[key], float) else "n/a" for x in w)  # noqa: E731
+        print(f"| {source} | {len(clips)} ({n}) | {mse[0]:.4f} / {mse[1]:.4f} | {fmt('spectral_convergence')} | "
+              f"{w[0]['log_spectral_distance_db']:.2f} / {w[2]['log_spectral_distance_db']:.2f} | "
+              f"{fmt('pesq_wb') if speech else 'n/a'} | {fmt('stoi') if speech else 'n/a'} |", flush=True)
+    # the earlier specialist's held-out set: synthetic mixtures 990-1099 of seed 0 (mel MSE 0.0291 there)
+    synthetic = ag.SyntheticMUSDBDataset(1100, "mixture", 0)
+    clips = torch.stack([synthetic[i] for i in range(990, 1100)])
+    mel = normalised_mels(pre, clips)
+    with torch.no_grad():
+        mse = ag.mel_metrics(mel, torch.cat([model(m) for m in mel.split(32)]), pre)["mse"]
+    print(f"\nsynthetic mixtures 990-1099 (seed 0, the specialist's held-out set): mel MSE {mse:.4f} "
+          f"(the synthetic-only specialist: 0.0291; {100 * (mse / 0.0291 - 1):+.1f}%)")
+
+
+def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources: list[str], val: torch.Tensor,
+                    val_sources: list[str]) -> None:
+    """One model per latent budget, trained as audio_gen.py trains (corpus draws, PCA start, AdamW, cosine)."""
+    budgets = [int(b) for b in cfg.budgets.split(",")]
+    steps_per_epoch = -(-len(train) // 16)
+    labels = np.array(val_sources)
+    speech = val[torch.from_numpy(labels == "speech")][: cfg.wave_clips]
+    music = val[torch.from_numpy(labels == "music_mixture")][: cfg.wave_clips]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in budgets:
+            start = time.perf_counter()
+            tcfg = argparse.Namespace(epochs=cfg.epochs, batch_size=16, learning_rate=1e-3, weight_decay=0.05, seed=cfg.seed,
+                                      n_mels=128, latent_dim=k, hidden_channels=192, stem="mixture", num_samples=0,
+                                      audio_dir=None, musdb_root=None, corpus_dir=cfg.corpus_dir,
+                                      corpus_mix=ag.parse_corpus_mix(ag.DEFAULT_CORPUS_MIX))
+            ag.seed_everything(cfg.seed)
+            cpu = torch.device("cpu")
+            pre = ag.AudioPreprocessor(128)
+            train_mel = ag.log_mels(train, pre, 64, cpu)
+            pre = ag.AudioPreprocessor(128, *ag.fit_normalisation(train_mel))
+            train_mel = pre.normalise(train_mel)
+            model = ag.AudioAutoencoder(128, k, 192)
+            model.init_linear_path(train_mel)
+            data = ag.AudioData(train, val, "corpus", True, train_sources, val_sources)
+            weights = ag.draw_weights(data, tcfg.corpus_mix)
+            trainer = ag.AudioTrainer(model, pre, tcfg, cpu, 0, 1, steps_per_epoch, weights)
+            trainer.fit(train_mel, normalised_mels(pre, speech), Path(tmp) / f"rd{k}.pt")
+            model.eval()
+            row = {"k": k, "minutes": (time.perf_counter() - start) / 60}
+            for name, clips in (("speech", speech), ("music", music)):
+                mel = normalised_mels(pre, clips)
+                with torch.no_grad():
+                    model_mel = model(mel)
+                pca_mel = pca_reconstruct(train_mel[:cfg.pca_clips], mel, k)
+                for path, m in (("model", model_mel), ("pca", pca_mel), ("ceiling", mel)):
+                    row[f"{name}_{path}"] = after_inverse(pre, clips, m, name == "speech", cfg.seed)
+            rows.append(row)
+            print(f"budget {k}: {row['minutes']:.1f} min, speech STOI {row['speech_model']['stoi']:.3f} "
+                  f"(PCA {row['speech_pca']['stoi']:.3f}), music SC {row['music_model']['spectral_convergence']:.3f}",
+                  flush=True)
+    print(f"\n== rate-distortion: {cfg.epochs * steps_per_epoch} steps of batch 16 per model; rate = channels x "
+          f"{LATENT_FRAMES_PER_SECOND:.3f} latent frames/s")
+    print("| channels / 16 frames | numbers/s | kbit/s at 32 / 8 bit | speech STOI: model / PCA | "
+          "speech PESQ-WB: model / PCA | music SC: model / PCA |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        rate = r["k"] * LATENT_FRAMES_PER_SECOND
+        print(f"| {r['k']} | {rate:.0f} | {rate * 32 / 1000:.1f} / {rate * 8 / 1000:.1f} | "
+              f"{r['speech_model']['stoi']:.3f} / {r['speech_pca']['stoi']:.3f} | "
+              f"{r['speech_model']['pesq_wb']:.2f} / {r['speech_pca']['pesq_wb']:.2f} | "
+              f"{r['music_model']['spectral_convergence']:.3f} / {r['music_pca']['spectral_convergence']:.3f} |")
+    ceiling = rows[0]
+    print(f"Griffin-Lim ceiling: speech STOI {ceiling['speech_ceiling']['stoi']:.3f}, PESQ-WB "
+          f"{ceiling['speech_ceiling']['pesq_wb']:.2f}, music SC {ceiling['music_ceiling']['spectral_convergence']:.3f}")
+    shipped_point = None
+    if Path(cfg.checkpoint).is_file():  # loaded only now: a training run may still be writing it
+        shipped, s = ag.load_audio_model(cfg.checkpoint, "cpu"), {}
+        for name, clips in (("speech", speech), ("music", music)):
+            rec = [shipped.reconstruct(c, seed=cfg.seed) for c in clips]
+            s[name] = ag.waveform_metrics(clips, torch.stack([r["wav_hat"] for r in rec]), name == "speech")
+        shipped_point = (shipped.config["latent_dim"] * LATENT_FRAMES_PER_SECOND, s)
+        print(f"shipped model ({shipped.config['latent_dim']} channels, full training): speech STOI "
+              f"{s['speech']['stoi']:.3f}, PESQ-WB {s['speech']['pesq_wb']:.2f}, music SC "
+              f"{s['music']['spectral_convergence']:.3f}")
+    plot_rate_distortion(rows, shipped_point, cfg.epochs * steps_per_epoch, ROOT / "docs" / "audio" / "rate_distortion.png")
+
+
+def plot_rate_distortion(rows: list[dict], shipped: tuple | None, steps: int, path: Path) -> None:
+    rates = [r["k"] * LATENT_FRAMES_PER_SECOND for r in rows]
+    panels = (("speech", "stoi", "held-out speech: STOI (higher is better)"),
+              ("speech", "pesq_wb", "held-out speech: PESQ-WB (higher is better)"),
+              ("music", "spectral_convergence", "held-out music: spectral convergence (lower is better)"))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    for ax, (source, key, title) in zip(axes, panels):
+        ax.plot(rates, [r[f"{source}_model"][key] for r in rows], "o-", label=f"autoencoder ({steps} steps)")
+        ax.plot(rates, [r[f"{source}_pca"][key] for r in rows], "s--", label="PCA, same budget")
+        ax.axhline(rows[0][f"{source}_ceiling"][key], color="gray", ls=":", label="Griffin-Lim ceiling")
+        if shipped is not None:
+            ax.plot([shipped[0]], [shipped[1][source][key]], "*", ms=14, color="C3", label="shipped model")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(rates, [f"{r:.0f}/s\n{r * 32 / 1000:.1f} | {r * 8 / 1000:.1f} kbit/s" for r in rates])
+        ax.set(title=title, xlabel="latent numbers per second (kbit/s at 32 | 8 bit)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    ag.save_figure(fig, path)
+    print(f"wrote {path}")
+
+
+def long_input(cfg: argparse.Namespace, val: torch.Tensor) -> None:
+    """Wall time and peak memory of `--mode infer --input` on a long file and on a 1-minute one, in fresh processes."""
+    print(f"\n== long inputs through audio_gen.py --mode infer --input ({ag.CHUNK_SECONDS}-s chunks)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for minutes in (1.0, cfg.long_minutes):
+            n = int(minutes * 60 * ag.SAMPLE_RATE)
+            wav = val.flatten()[:n].repeat(-(-n // val.numel()))[:n]  # held-out speech and music, end to end
+            path = Path(tmp) / f"long_{minutes:g}min.wav"
+            sf.write(path, wav.numpy(), ag.SAMPLE_RATE, subtype="PCM_16")
+            start = time.perf_counter()
+            code = ("import resource, sys, audio_gen; audio_gen.main(sys.argv[1:]); "
+                    "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            proc = subprocess.run([sys.executable, "-c", code, "--mode", "infer", "--input", str(path),
+                                   "--checkpoint", cfg.checkpoint, "--results_dir", tmp],
+                                  cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-2000:])
+            peak = int(proc.stdout.split("peak_kb")[-1]) / 1024
+            print(f"{minutes:g} min of audio: {time.perf_counter() - start:.0f} s wall, peak memory {peak:.0f} MiB")
+
+
+def speed(audio: ag.AudioModel, clip: torch.Tensor, repeats: int = 7) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    full, gl = [], []
-    with torch.no_grad():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            mel_hat = model(pre(clip))
-            linear = pre.mel_to_linear(pre.mel_power(mel_hat))
-            t1 = time.perf_counter()
-            pre.griffin_lim(linear, clip.shape[-1], 32)
-            t2 = time.perf_counter()
-            full.append(t2 - t0), gl.append(t2 - t1)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        audio.reconstruct(clip)  # encode, decode, NNLS inverse and 32 Griffin-Lim iterations, twice (model and ceiling)
+        times.append(time.perf_counter() - start)
     torch.set_num_threads(threads)
-    return float(np.median(full)), float(np.median(gl))
-
-
-def batched(fn, x: torch.Tensor, size: int = 64) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([fn(x[i : i + size]) for i in range(0, len(x), size)])
-
-
-def score_checkpoint(path: Path, cfg: argparse.Namespace) -> None:
-    """A trained checkpoint against PCA on the checkpoint's own split of its synthetic set: PCA is fitted on the
-    clips the autoencoder trained on, with the checkpoint's normalisation, and both are scored on the held-out clips."""
-    try:
-        ckpt = ag.load_checkpoint(path)
-        model, pre = ag.model_from_checkpoint(ckpt, path)
-    except ag.UsageError as e:
-        raise SystemExit(f"error: {e}") from None
-    c = ckpt["config"]
-    if c["audio_dir"] or c["musdb_root"]:
-        raise SystemExit(f"error: {path} was trained on real audio; --checkpoint scores synthetic checkpoints only")
-    train_set, val_set, desc, _ = ag.build_datasets(argparse.Namespace(**c))
-    train, val = (torch.stack([ds[i] for i in range(len(ds))]) for ds in (train_set, val_set))
-    model.eval()
-    train_mel, val_mel = batched(pre, train), batched(pre, val)
-    ae_mel, pca_mel = batched(model, val_mel), pca_reconstruct(train_mel, val_mel, c["latent_dim"])
-    ae, pca = ag.mel_metrics(val_mel, ae_mel, pre), ag.mel_metrics(val_mel, pca_mel, pre)
-    print(f"checkpoint {path}: {desc}, epoch {ckpt['epoch']}, hidden {c['hidden_channels']}, latent {c['latent_dim']}; "
-          f"{len(train)} training / {len(val)} held-out clips")
-    print("| set | AE MSE | PCA MSE | AE vs PCA | AE cosine | PCA cosine | AE PESQ proxy | PCA PESQ proxy |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {desc} | {ae['mse']:.4f} | {pca['mse']:.4f} | {100 * (ae['mse'] / pca['mse'] - 1):+.1f}% MSE | {ae['cosine']:.4f} | "
-          f"{pca['cosine']:.4f} | {ae['pesq_proxy']:.3f} | {pca['pesq_proxy']:.3f} |")
+    print(f"\n5-s clip reconstructed on 1 thread (model and ceiling paths): {np.median(times) * 1000:.0f} ms, "
+          f"median of {repeats}")
 
 
 def main() -> None:
     start = time.perf_counter()
     cfg = parse_args()
-    torch.set_num_threads(cfg.threads)
-    if cfg.checkpoint:
-        score_checkpoint(Path(cfg.checkpoint), cfg)
-        return
-    sets = cfg.sets.split(",")
-    if "speech" in sets and not cfg.wav_dir and shutil.which("espeak-ng") is None:
-        print("espeak-ng is not installed: the speech set is skipped (apt-get install espeak-ng, or pass --wav_dir)")
-        sets.remove("speech")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    header = (f"command: python {' '.join(sys.argv)}\nmachine: {cpu}, torch {torch.__version__}, "
-              f"{cfg.threads} training thread(s), timings on 1 thread")
-    print(header)
-    rows, speech_rows, timing = [], [], None
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        for name in sets:
-            train, val, desc = load_set(name, cfg, workdir)
-            print(f"\n== {desc}: {len(train)} training / {len(val)} held-out 5-s clips", flush=True)
-            model, pre, train_mel, val_mel, seconds = train_autoencoder(train, val, cfg, workdir)
-            with torch.no_grad():
-                ae_mel, pca_mel = model(val_mel), pca_reconstruct(train_mel, val_mel, cfg.latent_dim)
-            ae, pca = ag.mel_metrics(val_mel, ae_mel, pre), ag.mel_metrics(val_mel, pca_mel, pre)
-            rows.append((desc, ae, pca, seconds))
-            if name == "speech":
-                for inverse in ("nnls", "torchaudio"):
-                    for path, mel in (("autoencoder", ae_mel), ("PCA", pca_mel), ("ceiling (original mel)", val_mel)):
-                        speech_rows.append((inverse, path, *speech_scores(val, mel, pre, inverse, cfg.seed)))
-                timing = time_reconstruction(model, pre, val[:1])
-            elif timing is None and name == sets[-1]:
-                timing = time_reconstruction(model, pre, val[:1])
-
-    print(f"\n{header}\n")
-    print(f"held-out mel (normalised log-mel), latent budget {cfg.latent_dim} numbers per 16 frames (compression 32x):")
-    print("| set | AE MSE | PCA MSE | AE vs PCA | AE cosine | PCA cosine | AE training |")
-    print("|---|---|---|---|---|---|---|")
-    for desc, ae, pca, seconds in rows:
-        margin = 100 * (ae["mse"] / pca["mse"] - 1)  # negative: the autoencoder's error is lower
-        print(f"| {desc} | {ae['mse']:.4f} | {pca['mse']:.4f} | {margin:+.1f}% MSE | {ae['cosine']:.4f} | {pca['cosine']:.4f} | "
-              f"{cfg.epochs} epochs, {seconds / 60:.1f} min |")
-    if speech_rows:
-        print("\nspeech after mel inverse + 32 Griffin-Lim iterations (wideband PESQ, STOI; mean over held-out clips):")
-        print("| mel inverse | from | PESQ-WB | STOI |")
-        print("|---|---|---|---|")
-        for inverse, path, p, s in speech_rows:
-            print(f"| {inverse} | {path} | {p:.3f} | {s:.3f} |")
-        nnls = {path: p for inverse, path, p, _ in speech_rows if inverse == "nnls"}
-        print(f"\nPESQ gain of the autoencoder over PCA (NNLS inverse): {nnls['autoencoder'] - nnls['PCA']:+.3f}")
-    if timing:
-        print(f"\n5-s clip reconstructed (encode, decode, NNLS mel inverse, 32 Griffin-Lim iterations) on 1 thread: "
-              f"{timing[0] * 1000:.0f} ms (Griffin-Lim alone {timing[1] * 1000:.0f} ms), median of 7")
+    parts = set(cfg.parts.split(","))
+    print(f"command: python {' '.join(sys.argv)}\nmachine: {machine()}")
+    root = Path(cfg.corpus_dir)
+    if not (root / "manifest.json").is_file():
+        raise SystemExit(f"error: no corpus at {root}: python audio_gen.py --mode corpus --corpus_dir {root}")
+    train, train_sources = ag.corpus_split(root, "train")
+    val, val_sources = ag.corpus_split(root, "test")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.pca_clips]
+    audio = ag.load_audio_model(cfg.checkpoint, "cpu") if parts & {"held-out", "speed"} else None
+    if "held-out" in parts:
+        held_out(cfg, audio, train[order], val, val_sources)
+    if "rate" in parts:
+        rate_distortion(cfg, train, train_sources, val, val_sources)
+    if "long" in parts:
+        long_input(cfg, val)
+    if "speed" in parts:
+        speed(audio, val[0])
     print(f"\nbenchmark wall time: {(time.perf_counter() - start) / 60:.1f} min")
 
 

@@ -1,5 +1,6 @@
 """audio_gen.py: the real CLI in subprocesses with tiny settings, plus the signal maths on known inputs."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torchaudio
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -18,6 +20,7 @@ import audio_gen as ag  # noqa: E402
 SCRIPT = str(ROOT / "audio_gen.py")
 # one thread per process keeps the suite predictable on shared two-core CI machines
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SHIPPED_STOI_FLOOR = 0.5  # raised to the shipped model's measured score minus a margin once it lands
 TINY = ["--num_samples", "20", "--batch_size", "8", "--hidden_channels", "32", "--eval_clips", "2", "--device", "cpu"]
 
 
@@ -34,20 +37,24 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def trained(tmp_path_factory) -> Path:
     """A tiny model trained and inferred with the default paths, in its own working folder."""
     work = tmp_path_factory.mktemp("run")
-    ok(run("--mode", "train", "--epochs", "2", "--stem", "vocals", *TINY, cwd=work))
+    ok(run("--mode", "train", "--epochs", "2", "--stem", "vocals", *TINY, "--results_dir", "train_results", cwd=work))
     ok(run("--mode", "infer", cwd=work))
     return work
 
 
 def test_train_then_infer_writes_every_output(trained):
     results = trained / "results"
-    for name in ("training_curves.png", "spectrogram_comparison.png", "inference_comparison.png", "audio_metrics.json",
-                 "audio_reconstructed_0.wav", "audio_reconstructed_1.wav", "audio_original_0.wav", "audio_original_1.wav"):
+    pairs = ("audio_reconstructed_0.wav", "audio_reconstructed_1.wav", "audio_original_0.wav", "audio_original_1.wav")
+    for name in ("training_curves.png", "spectrogram_comparison.png", "audio_metrics.json", *pairs):
+        assert (trained / "train_results" / name).stat().st_size > 0, name  # training ends with something to hear
+    for name in ("inference_comparison.png", "audio_metrics.json", *pairs):
         assert (results / name).stat().st_size > 0, name
-    for i in (0, 1):
-        data, rate = sf.read(results / f"audio_reconstructed_{i}.wav")
-        assert rate == 16_000 and data.shape == (ag.CLIP_SAMPLES,) and np.abs(data).max() > 1e-3
+    for folder in (results, trained / "train_results"):
+        for i in (0, 1):
+            data, rate = sf.read(folder / f"audio_reconstructed_{i}.wav")
+            assert rate == 16_000 and data.shape == (ag.CLIP_SAMPLES,) and np.abs(data).max() > 1e-3
     metrics = json.loads((results / "audio_metrics.json").read_text())
+    metrics["train"] = json.loads((trained / "train_results" / "audio_metrics.json").read_text())["train"]
     for section in ("train", "infer"):
         m = metrics[section]
         assert m["epoch"] == 2 and m["mel"]["clips"] == 2
@@ -204,6 +211,8 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
     sf.write(tmp / "empty.wav", np.zeros((0, 1)), 16_000)
     sf.write(tmp / "silent.wav", np.zeros(32_000), 16_000)
     sf.write(tmp / "short.wav", 0.3 * np.random.default_rng(0).standard_normal(3_000), 16_000)
+    sf.write(tmp / "nan.wav", np.r_[0.3 * np.random.default_rng(0).standard_normal(32_000), np.nan, np.inf], 16_000,
+             subtype="FLOAT")
     (tmp / "garbage.wav").write_bytes(b"RIFF not really a wave file")
     (tmp / "corrupt.pt").write_bytes(b"\x80\x02 torn checkpoint")
     torch.save({"kind": "ddpm", "format_version": 1, "model": {}}, tmp / "foreign.pt")
@@ -223,6 +232,11 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
         "empty audio": [*infer, "--input", str(tmp / "empty.wav")],
         "silent audio": [*infer, "--input", str(tmp / "silent.wav")],
         "too-short audio": [*infer, "--input", str(tmp / "short.wav")],
+        "non-finite audio": [*infer, "--input", str(tmp / "nan.wav")],
+        "corpus folder never rendered": [*train, "--corpus_dir", str(tmp / "no_audio")],
+        "unknown corpus source": [*train, "--corpus_dir", str(tmp / "no_audio"), "--corpus_mix", "speech=1,jazz=1"],
+        "corpus mode without a folder": ["--mode", "corpus"],
+        "NaN corpus size": ["--mode", "corpus", "--corpus_dir", str(tmp / "c"), "--corpus_minutes", "nan"],
         "folder with no audio": [*train, "--audio_dir", str(tmp / "no_audio")],
         "zero epochs": [*train, "--epochs", "0"],
         "negative batch size": [*train, "--batch_size", "-4"],
@@ -285,3 +299,100 @@ def test_training_refuses_to_overwrite_the_pretrained_model(tmp_path):
     proc = run("--mode", "train", "--epochs", "1", *TINY, "--checkpoint", str(pretrained), cwd=tmp_path)
     assert proc.returncode == 2 and "pretrained" in proc.stderr and "Traceback" not in proc.stderr
     assert pretrained.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------
+# The rendered corpus, the shipped general model, level and length
+# ----------------------------------------------------------------------------
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_corpus_is_deterministic_and_in_the_musdb_layout(tmp_path):
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        ok(run("--mode", "corpus", "--corpus_dir", name, "--corpus_minutes", "0.3", "--seed", seed, cwd=tmp_path))
+    a, b, c = (_tree(tmp_path / name) for name in "abc")
+    assert a == b  # the same bytes for the same seed
+    assert a.keys() == c.keys() and a["speech/train/00000.wav"] != c["speech/train/00000.wav"]
+    for split in ("train", "test"):
+        song = tmp_path / "a" / "music" / split / "song_00000"
+        stems = {s: sf.read(song / f"{s}.wav")[0] for s in ag.MUSDB_STEMS}
+        assert all(x.shape == (24 * ag.SAMPLE_RATE,) and np.abs(x).max() > 0.01 for x in stems.values())
+        total = sum(stems[s] for s in ("vocals", "drums", "bass", "other"))
+        assert np.abs(total - stems["mixture"]).max() < 4 / 2**15  # the stems sum to the mixture (PCM-16 rounding)
+        speech, rate = sf.read(tmp_path / "a" / "speech" / split / "00000.wav")
+        assert rate == ag.SAMPLE_RATE and 7 < speech.size / rate < 22 and np.abs(speech).max() > 0.1
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    test_voices, train_voices = (
+        {v for k, v in manifest["speech"].items() if k.startswith(split)} for split in ("test", "train"))
+    assert test_voices and not test_voices & train_voices  # held-out voices are never trained on
+    proc = ok(run("--mode", "train", "--epochs", "1", "--musdb_root", "a/music", "--stem", "vocals", *TINY,
+                  "--checkpoint", "m.pt", cwd=tmp_path))
+    assert "MUSDB18-HQ vocals" in proc.stdout and "5 training / 5 held-out clips" in proc.stdout  # 24 s: 4 segments + a padded tail
+    proc = ok(run("--mode", "train", "--epochs", "1", "--corpus_dir", "a", *TINY, "--checkpoint", "c.pt", cwd=tmp_path))
+    for source in ("speech", "music_mixture", "music_drums", "synthetic_bass"):
+        assert f"  {source} (" in proc.stdout
+    metrics = json.loads((tmp_path / "results" / "audio_metrics.json").read_text())["train"]
+    assert isinstance(metrics["per_source"]["speech"]["waveform"]["autoencoder"]["stoi"], float)
+    assert metrics["per_source"]["music_mixture"]["waveform"]["autoencoder"]["stoi"] == "n/a"
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["config"]["corpus_mix"] == {
+        "speech": 0.5, "music": 0.35, "synthetic": 0.15}
+
+
+@pytest.fixture(scope="module")
+def shipped() -> "ag.AudioModel":
+    return ag.load_audio_model(device="cpu")
+
+
+def _unheard_speech(text_seed: int = 12345) -> torch.Tensor:
+    """A voice of a language and variant that no corpus split uses, reading a sentence drawn from a new seed."""
+    speaker = ag.Speaker()
+    rng = np.random.default_rng(text_seed)
+    said = speaker.speak(ag.sentence(rng, "en") + " " + ag.sentence(rng, "en"), "en-029+belinda", 160, 55, 60)
+    return torchaudio.functional.resample(torch.from_numpy(said), speaker.rate, ag.SAMPLE_RATE)
+
+
+def test_shipped_model_reconstructs_a_voice_it_never_heard(shipped):
+    assert shipped.checkpoint == ag.PRETRAINED_CHECKPOINT or not ag.DEFAULT_CHECKPOINT.exists()
+    wav = _unheard_speech()
+    rec = shipped.reconstruct(wav)
+    stoi = shipped.metrics(wav, rec)["waveform"]["autoencoder"]["stoi"]
+    assert stoi > SHIPPED_STOI_FLOOR, stoi
+
+
+def test_reconstruction_does_not_depend_on_the_input_level(shipped):
+    wav = _unheard_speech(7)
+    scores, levels = [], []
+    for db in (-20, 0, 10):
+        scaled = wav * 10 ** (db / 20)
+        rec = shipped.reconstruct(scaled)
+        levels.append(rec["wav_hat"].pow(2).mean().sqrt().item())
+        scores.append(shipped.metrics(scaled, rec)["waveform"]["autoencoder"]["stoi"])
+    assert max(scores) - min(scores) <= 0.02, scores
+    assert levels[0] / levels[1] == pytest.approx(0.1, rel=0.01)  # the output keeps the input's level
+    assert levels[2] / levels[1] == pytest.approx(10 ** 0.5, rel=0.01)
+
+
+def test_a_long_input_is_reconstructed_in_cross_faded_chunks(trained, tmp_path):
+    """45 s at 22.05 kHz: three 20-s chunks with 0.5-s overlaps. Through the CLI the output keeps the input's length;
+    with the model's reconstruction replaced by the identity, the chunks and cross-fades give the input back exactly."""
+    rate, n = 22_050, 45 * 22_050 + 7
+    t = np.arange(n) / rate
+    sf.write(tmp_path / "long.wav", 0.2 * np.sin(2 * np.pi * (220 + 30 * np.sin(2 * np.pi * 0.3 * t)) * t), rate)
+    checkpoint = trained / "models" / "audio_autoencoder.pt"
+    ok(run("--mode", "infer", "--input", "long.wav", "--checkpoint", str(checkpoint), "--griffin_lim_iters", "8",
+           "--results_dir", "out", cwd=tmp_path))
+    out, out_rate = sf.read(tmp_path / "out" / "long_reconstructed.wav")
+    original, _ = sf.read(tmp_path / "out" / "long_original_16k.wav", dtype="float32")
+    assert out_rate == 16_000 and out.shape == original.shape == (-(-n * 16_000 // rate),) and np.isfinite(out).all()
+    m = json.loads((tmp_path / "out" / "audio_metrics.json").read_text())["infer"]
+    assert m["seconds"] == pytest.approx(n / rate, abs=1e-3) and m["chunk_seconds"] == ag.CHUNK_SECONDS
+
+    class Identity(ag.AudioModel):
+        def reconstruct(self, wav, griffin_lim_iters=32, seed=0, inverse="nnls"):
+            return {**super().reconstruct(wav, 1, seed, inverse), "wav_hat": wav.clone()}
+
+    cfg = argparse.Namespace(griffin_lim_iters=1, seed=0, inverse="nnls")
+    ag.reconstruct_file(Identity(checkpoint, torch.device("cpu")), tmp_path / "out" / "long_original_16k.wav",
+                        tmp_path / "identity.wav", cfg)
+    assert np.abs(sf.read(tmp_path / "identity.wav", dtype="float32")[0] - original).max() < 2 / 2**15
