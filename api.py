@@ -302,7 +302,7 @@ class ImageRequest(BaseModel):
     num_samples: int = Field(1, ge=1, le=MAX_NUM_SAMPLES, description="images to draw")
     sampler: Literal["ddpm", "ddim", "dpmpp", "gan"] | None = Field(
         None, description="ddpm (all 1000 steps), ddim or dpmpp (`steps` steps); gan for the GAN; null: ddim / gan")
-    steps: int = Field(50, ge=1, le=MAX_STEPS, description="network steps of ddim and dpmpp")
+    steps: int = Field(image_gen.DEFAULT_STEPS, ge=1, le=MAX_STEPS, description="network steps of ddim and dpmpp")
     guidance_scale: float = Field(1.0, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
                                   description="classifier-free guidance w; 1 = plain conditional")
     eta: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="DDIM noise: 0 deterministic, 1 DDPM-like")
