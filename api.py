@@ -313,6 +313,8 @@ class ImageRequest(BaseModel):
         self.sampler = self.sampler or DEFAULT_SAMPLER[self.model]
         if (self.model == "gan") != (self.sampler == "gan"):
             raise ValueError(f"sampler {self.sampler} does not draw with model {self.model}")
+        if self.model == "gan" and (self.guidance_scale != 1 or self.eta != 0):
+            raise ValueError("guidance_scale and eta apply to the diffusion model only")
         if self.network_steps() * self.num_samples > MAX_SAMPLE_STEPS:
             raise ValueError(f"num_samples x steps = {self.num_samples} x {self.network_steps()} exceeds "
                              f"{MAX_SAMPLE_STEPS} (ddpm always takes {DDPM_STEPS} steps)")

@@ -96,8 +96,11 @@ def digit_grid(images_u8: np.ndarray, digit: int | None, conditional: bool) -> n
     return make_grid(cells, nrow=10, padding=2, pad_value=255)[0].numpy()
 
 
-def denoising_gif(frames: list[np.ndarray], digit: int | None, conditional: bool) -> bytes:
-    """Each denoising frame (N, 28, 28) as a grid, the finished digits held for 1.5 s."""
+def denoising_gif(frames: list[np.ndarray], digit: int | None, conditional: bool) -> bytes | None:
+    """Each denoising frame (N, 28, 28) as a grid, the finished digits held for 1.5 s; None without frames
+    (the GAN draws in one step)."""
+    if not frames:
+        return None
     pictures = [enlarge(digit_grid(frame, digit, conditional)) for frame in frames]
     buffer = io.BytesIO()
     pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:],
@@ -127,8 +130,10 @@ def first_error(error: pydantic.ValidationError) -> str:
 # ----------------------------------------------------------------------------
 # Digits tab
 # ----------------------------------------------------------------------------
-def figures_for(sampler: str, steps: int, eta: float, guidance: float) -> tuple[str, str]:
+def figures_for(model: str, sampler: str, steps: int, eta: float, guidance: float) -> tuple[str, str]:
     """The measured FID of this setting (or that none was measured) and its expected sampling time per image."""
+    if model != "diffusion":
+        return "not measured", "not measured"
     network_steps = api.DDPM_STEPS if sampler == "ddpm" else steps
     key = (sampler, network_steps if sampler == "ddim" else steps, eta if sampler == "ddim" else 0.0, guidance)
     fid = f"{FID[key]:.1f}" if key in FID else "not measured"
@@ -149,10 +154,12 @@ def digits_tab() -> None:
         sampler = right.selectbox("Sampler", samplers, index=samplers.index(api.DEFAULT_SAMPLER[generator.kind]), key="sampler",
                                   help="ddpm walks all 1000 steps; ddim and dpmpp take the steps below")
         steps = right.slider("Steps", 1, 200, 20, key="steps", disabled=generator.kind == "gan")
-        guidance = right.slider("Guidance scale", 0.0, 5.0, 1.0, 0.5, key="guidance", disabled=not generator.class_conditional)
-        eta = right.slider("η (DDIM noise)", 0.0, 1.0, 0.0, 0.5, key="eta")
+        diffusion = generator.kind == "diffusion"
+        guidance = right.slider("Guidance scale", 0.0, 5.0, 1.0, 0.5, key="guidance",
+                                disabled=not (diffusion and generator.class_conditional))
+        eta = right.slider("η (DDIM noise)", 0.0, 1.0, 0.0, 0.5, key="eta", disabled=not diffusion)
         submitted = st.form_submit_button("Generate", type="primary")
-    fid, speed = figures_for(sampler, steps, eta, guidance)
+    fid, speed = figures_for(model, sampler, steps, eta, guidance)
     fid_column, speed_column, source_column = st.columns([1, 1, 4])
     fid_column.metric("FID-1k of this setting", fid)
     speed_column.metric("Sampling per image", speed)
@@ -163,7 +170,8 @@ def digits_tab() -> None:
         chosen = None if digit == "all ten" else int(digit)
         try:
             request = api.ImageRequest(model=model, digit=chosen, num_samples=num_samples, sampler=sampler,
-                                       steps=steps, guidance_scale=guidance, eta=eta, seed=int(seed))
+                                       steps=steps, guidance_scale=guidance if diffusion else 1.0,
+                                       eta=eta if diffusion else 0.0, seed=int(seed))  # the GAN has neither
         except pydantic.ValidationError as error:
             st.error(first_error(error))
             return
@@ -186,8 +194,11 @@ def digits_tab() -> None:
         grid_column, gif_column = st.columns(2)
         grid_column.image(drawn["grid"], caption=drawn["caption"], output_format="PNG")
         grid_column.download_button("Download the grid (PNG)", drawn["grid"], "digits.png", "image/png")
-        gif_column.image(drawn["gif"], caption="noise → digits", output_format="GIF")
-        gif_column.download_button("Download the animation (GIF)", drawn["gif"], "denoising.gif", "image/gif")
+        if drawn["gif"] is None:
+            gif_column.caption("The GAN draws in one step: there is no denoising to animate.")
+        else:
+            gif_column.image(drawn["gif"], caption="noise → digits", output_format="GIF")
+            gif_column.download_button("Download the animation (GIF)", drawn["gif"], "denoising.gif", "image/gif")
 
 
 # ----------------------------------------------------------------------------

@@ -196,6 +196,15 @@ def test_generate_refuses_non_finite_numbers_and_broken_json(client, raw):
     assert_problem(response, 422)
 
 
+def test_generate_with_the_gan_when_one_is_served(client):
+    if "gan" not in client.app.state.models["images"]:
+        pytest.skip("no GAN checkpoint is trained or shipped (models/gan_model.pt, models/pretrained/gan_model.pt)")
+    body = client.post("/v1/images/generate", json={"model": "gan", "num_samples": 3, "digit": 4}).json()
+    assert body["sampler"] == "gan" and len(body["images"]) == 3
+    assert "diffusion model only" in assert_problem(
+        client.post("/v1/images/generate", json={"model": "gan", "guidance_scale": 2}), 422)["detail"]
+
+
 def test_generate_refuses_a_model_that_is_not_served(client):
     if "gan" in client.app.state.models["images"]:
         pytest.skip("a GAN is served here")

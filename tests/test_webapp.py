@@ -64,6 +64,17 @@ def test_generate_draws_the_grid_and_the_animation(app):
     assert app.metric[0].value == "not measured"  # DDIM-3 has no benchmark figure
 
 
+def test_the_gan_draws_beside_diffusion_when_one_is_served(app):
+    if "gan" not in app.radio(key="model").options:
+        pytest.skip("no GAN checkpoint is trained or shipped (models/gan_model.pt, models/pretrained/gan_model.pt)")
+    app.radio(key="model").set_value("gan").run()
+    assert app.selectbox(key="sampler").options == ["gan"]
+    app.button[0].click()
+    app.run()
+    assert_clean(app)
+    assert len(app.image) == 1 and "one step" in app.caption[-1].value
+
+
 def test_generate_refuses_what_the_api_refuses_with_one_message(app):
     app.selectbox(key="sampler").set_value("ddpm")
     app.slider(key="num_samples").set_value(20)  # 20 x 1000 steps > 10,000
