@@ -48,7 +48,7 @@ AUDIO_CHECKPOINT = os.environ.get("IAG_AUDIO_CHECKPOINT")
 # ----------------------------------------------------------------------------
 # Models: loaded once per process, shared by every session, one call at a time each
 # ----------------------------------------------------------------------------
-@st.cache_resource(show_spinner="Loading the diffusion model…")
+@st.cache_resource(show_spinner="Loading the image models…")
 def image_models() -> dict[str, tuple[image_gen.ImageGenerator, threading.Lock]]:
     torch.set_num_threads(TORCH_THREADS)
     models = {"diffusion": (image_gen.load_image_generator(IMAGE_CHECKPOINT, model="diffusion"), threading.Lock())}

@@ -430,5 +430,5 @@ def test_server_answers_8_concurrent_requests_or_sheds_them_with_503(server):
         if response.status_code == 503:
             assert int(response.headers["retry-after"]) >= 1
     assert sum(r.status_code == 200 for r in responses) >= 2  # each model answered at least its first
-    seeds = [json.loads(r.content)["seed"] for r in responses[:4] if r.status_code == 200]
-    assert seeds == sorted(seeds)
+    for seed, response in enumerate(responses[:4]):  # each answer belongs to its own request
+        assert response.status_code != 200 or json.loads(response.content)["seed"] == seed
