@@ -4,16 +4,20 @@ audio (16 kHz mono, 5 s) -> log-mel [n_mels x 256] -> Conv1d encoder (4 layers, 
 -> latent [latent_dim x 16] -> ConvTranspose1d decoder (4 layers) -> log-mel
 -> mel inverse (non-negative least squares) -> Griffin-Lim -> audio.
 
-Data: a synthetic MUSDB-like set generated on the fly (the original 440/880/1320/1760 Hz
-harmonics, or voice / drums / bass / chords stems and their mixture), any folder of audio files,
-or a MUSDB18-HQ tree. Metrics: mel MSE, MAE, cosine, a PESQ proxy; after Griffin-Lim spectral
-convergence, log-spectral distance and, on speech-like audio, wideband PESQ and STOI, each beside
-the Griffin-Lim ceiling (the same inverse path started from the original mel).
+Data: a corpus the script renders itself, offline, from pip packages (--mode corpus: espeak-ng speech in
+many voices and languages, General MIDI SoundFont songs as MUSDB18-HQ stems, and the synthetic stems),
+a synthetic MUSDB-like set generated on the fly, any folder of audio files, or a MUSDB18-HQ tree. Every
+clip is scaled to one RMS before its mel and the level restored afterwards, so any input gain works.
+Metrics: mel MSE, MAE, cosine, a PESQ proxy; after Griffin-Lim spectral convergence, log-spectral
+distance and, on speech, wideband PESQ and STOI, each beside the Griffin-Lim ceiling (the same inverse
+path started from the original mel).
 
 Commands:
+    python audio_gen.py --mode infer --input speech.wav     # the shipped model on a whole file (any length, rate, channels)
+    python audio_gen.py --mode infer                        # held-out clips of the checkpoint's data
+    python audio_gen.py --mode corpus --corpus_dir data/corpus --corpus_minutes 90   # render the corpus (3 min)
+    python audio_gen.py --mode train --corpus_dir data/corpus --epochs 12 --batch_size 16   # the shipped model
     python audio_gen.py --mode train                        # 30 epochs on synthetic mixtures
-    python audio_gen.py --mode infer                        # reconstruct held-out clips from the checkpoint
-    python audio_gen.py --mode infer --input speech.wav     # reconstruct a whole file (any rate, channels)
     python audio_gen.py --mode train --musdb_root ~/data/musdb18hq --stem vocals
     python audio_gen.py --mode train --audio_dir ~/data/speech
     torchrun --nproc_per_node 2 audio_gen.py --mode train   # DistributedDataParallel (gloo on CPU)
@@ -70,7 +74,7 @@ DEFAULT_CHECKPOINT = Path("models/audio_autoencoder.pt")
 PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "pretrained" / "audio_autoencoder.pt"  # found from any cwd
 MUSDB_STEMS = ("vocals", "drums", "bass", "other", "mixture")
 STEMS = ("harmonic", *MUSDB_STEMS)  # harmonic = the original generator (440 Hz and its harmonics)
-DEFAULT_CORPUS_MIX = "speech=0.5,music=0.35,synthetic=0.15"
+DEFAULT_CORPUS_MIX = "speech=0.45,music=0.35,synthetic=0.2"  # the shipped model's draws
 CORPUS_SOURCES = ("speech", "music", "synthetic")
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus"}
 

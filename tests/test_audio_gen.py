@@ -336,7 +336,7 @@ def test_corpus_is_deterministic_and_in_the_musdb_layout(tmp_path):
     assert isinstance(metrics["per_source"]["speech"]["waveform"]["autoencoder"]["stoi"], float)
     assert metrics["per_source"]["music_mixture"]["waveform"]["autoencoder"]["stoi"] == "n/a"
     assert torch.load(tmp_path / "c.pt", weights_only=True)["config"]["corpus_mix"] == {
-        "speech": 0.5, "music": 0.35, "synthetic": 0.15}
+        "speech": 0.45, "music": 0.35, "synthetic": 0.2}
 
 
 @pytest.fixture(scope="module")
