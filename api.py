@@ -530,7 +530,7 @@ def create_app(args: argparse.Namespace) -> FastAPI:
         images, timing = await request.app.state.lanes[body.model].run(lambda: generator.generate(
             body.num_samples, digit=body.digit, sampler=body.sampler, steps=body.steps,
             guidance_scale=body.guidance_scale, eta=body.eta, seed=body.seed), arrived, args.deadline_s)
-        grid = png_bytes(grid_u8(images, body.digit, generator.class_conditional))
+        grid = png_bytes(images[0] if len(images) == 1 else grid_u8(images, body.digit, generator.class_conditional))
         timing["total"] = time.monotonic() - arrived
         if wants_png(request.headers.get("accept", "")):
             return Response(grid, media_type="image/png", headers=timing_headers(timing))

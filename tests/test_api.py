@@ -167,6 +167,8 @@ def test_generate_png_with_accept_header_is_a_grid_one_digit_per_row(client):
     assert "model;dur=" in response.headers["server-timing"]
     grid = np.array(Image.open(io.BytesIO(response.content)))
     assert grid.shape == (10 * 30 + 2, 1 * 30 + 2)  # 28 px and 2 px of padding per cell
+    one = client.post("/v1/images/generate", json={**TINY_IMAGES, "num_samples": 1}, headers={"Accept": "image/png"})
+    assert Image.open(io.BytesIO(one.content)).size == (28, 28)  # a single image is the image itself
 
 
 @pytest.mark.parametrize("accept, png", [

@@ -100,6 +100,18 @@ def test_reconstruct_shows_spectrograms_players_and_metrics(app):
     assert float(table["autoencoder"][0]) > 0  # spectral convergence
 
 
+def test_a_microphone_recording_is_reconstructed_too(app):
+    app.radio(key="source").set_value("Record with the microphone").run()
+    app.audio_input(key="recording").set_value(("recording.wav", tone_wav(1.0), "audio/wav"))
+    app.slider(key="griffin_lim_iters").set_value(2)
+    app.checkbox(key="speech").uncheck()
+    app.run()
+    app.button(key="reconstruct").click()
+    app.run()
+    assert_clean(app)
+    assert not app.error and len(app.get("audio")) == 2
+
+
 @pytest.mark.parametrize("content, words", [(b"this is not audio\n" * 50, "does not decode"),
                                             (tone_wav(amplitude=0.0), "silent"), (tone_wav(0.2), "lasts")])
 def test_bad_upload_gets_one_clear_message_and_no_traceback(app, content, words):
