@@ -262,7 +262,7 @@ def audio_tab() -> None:
                                       "audio/wav")
         st.table(metrics_table(done["metrics"]))
         st.caption(f"mel MSE {done['metrics']['mel']['mse']:.4f}. The Griffin-Lim ceiling inverts the original "
-                   f"mel through the same path: no autoencoder can beat it.")
+                   f"mel through the same path: what a perfect autoencoder would score.")
 
 
 # ----------------------------------------------------------------------------
