@@ -228,3 +228,27 @@ def test_browser_generates_a_digit_and_reconstructs_a_wav(browser, streamlit_url
     loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert all(name.startswith(("http://127.0.0.1", "blob:", "data:")) for name in loaded), loaded
     browser.save_screenshot(os.environ.get("IAG_SCREENSHOT", str(tmp_path / "webapp.png")))
+
+
+def test_browser_renders_the_api_docs_offline(browser):
+    """/docs is Swagger UI from fastapi-offline's files: every operation shows with no host but loopback."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "api.py"), "--port", str(port)], cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert server.poll() is None
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.1)
+        browser.get(f"{url}/docs")
+        operations = wait_for(browser, ".opblock", count=5)
+        assert any("/v1/images/generate" in operation.text for operation in operations)
+        loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert loaded and all(name.startswith(url) for name in loaded), loaded
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
