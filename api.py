@@ -38,6 +38,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
+import fastapi_offline
 import numpy as np
 import soundfile as sf
 import torch
@@ -461,8 +462,6 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     app.add_middleware(BodySizeLimit, limit=int(args.max_upload_mb * 1e6))
 
     # Swagger UI from fastapi-offline's copy of its files, not a CDN: /docs works with no network.
-    import fastapi_offline
-
     app.mount("/static", StaticFiles(directory=Path(fastapi_offline.__file__).parent / "static"), name="static")
 
     @app.get("/docs", include_in_schema=False)
@@ -545,7 +544,7 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     async def reconstruct_audio(
             request: Request,
             file: Annotated[UploadFile, File(description=f"{AUDIO_FORMATS}, any rate or channels, at most "
-                                                         f"{MAX_AUDIO_SECONDS:g} s and {MAX_UPLOAD_MB} MB")],
+                                                         f"{MAX_AUDIO_SECONDS:g} s and {args.max_upload_mb:g} MB")],
             arrived: Annotated[float, Depends(arrival)],
             griffin_lim_iters: Annotated[int, Form(ge=1, le=MAX_GRIFFIN_LIM_ITERS,
                                                    description="Griffin-Lim iterations")] = 32) -> Response:
