@@ -556,6 +556,9 @@ def create_app(args: argparse.Namespace) -> FastAPI:
 
         def job() -> bytes:
             wav = audio_gen.decode_audio(data, name=file.filename or "upload")
+            if wav.numel() > (MAX_AUDIO_SECONDS + 1) * model.sample_rate:  # a header that understated its length
+                raise Problem(422, f"the audio lasts {wav.numel() / model.sample_rate:.1f} s; at most "
+                                   f"{MAX_AUDIO_SECONDS:g} s is served")
             return wav_bytes(model.reconstruct(wav, griffin_lim_iters=griffin_lim_iters)["wav_hat"], model.sample_rate)
 
         wav, timing = await request.app.state.lanes["audio"].run(job, arrived, args.deadline_s)
