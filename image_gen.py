@@ -1,4 +1,4 @@
-"""Denoising diffusion (DDPM) that draws MNIST digits from Gaussian noise.
+"""Denoising diffusion (DDPM), or a GAN, that draws MNIST digits from Gaussian noise.
 
 A U-Net learns to predict the noise added to a digit at a random timestep
 (Ho et al. 2020, Algorithm 1), or with --prediction v a mix of noise and digit,
@@ -6,19 +6,25 @@ or with --prediction x0 the digit itself (and with --self_condition it also read
 its own previous estimate of the digit); sampling runs the chain backwards from
 pure noise, either with DDPM's ancestral steps over all T timesteps (Algorithm 2)
 or with DDIM's deterministic shortcut over a few of them (Song et al. 2021). An
+or with DPM-Solver++(2M)'s second-order steps over fewer still (Lu et al. 2022). With
+--model gan a class-conditional GAN draws a digit in one step instead: a resize-conv
+generator against a spectrally normalised projection discriminator, hinge loss. An
 EMA of the weights draws the samples, and FID against the MNIST test set measures
 them.
 
     python image_gen.py --mode train --epochs 20                      # full run (GPU: minutes)
     python image_gen.py --mode infer --num_samples 16                 # samples from the checkpoint
     python image_gen.py --mode infer --sampler ddim --sample_steps 50 --digit 7 --guidance_scale 2
+    python image_gen.py --mode infer --sampler dpmpp --sample_steps 10
+    python image_gen.py --mode train --model gan --epochs 20          # the GAN: models/gan_model.pt
+    python image_gen.py --mode infer --model gan --digit 7
     python image_gen.py --mode train --epochs 1 --subset 2000 --fid_samples 0   # a tiny CPU run
     torchrun --nproc_per_node 4 image_gen.py --mode train             # DistributedDataParallel
 
 Outputs: results/training_loss.png, results/epoch_comparisons/samples_epoch_NNN.png,
 results/epoch_comparisons/metrics_comparison.png, results/final_samples.png,
-results/denoising.gif, results/image_metrics.json, results/samples/*.png and
-models/diffusion_model.pt.
+results/denoising.gif (the GAN: results/latent_interpolation.gif), results/image_metrics.json,
+results/samples/*.png and models/diffusion_model.pt (models/gan_model.pt).
 """
 
 from __future__ import annotations
@@ -49,10 +55,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-FORMAT_VERSION = 2  # 2: scale-and-shift time conditioning, `prediction` in the config
-PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "pretrained" / "diffusion_model.pt"
-DEFAULT_CHECKPOINT = Path("models") / "diffusion_model.pt"
-SAMPLERS = ("ddpm", "ddim", "dpmpp")  # DDPM's ancestral steps, DDIM, DPM-Solver++(2M)
+MODELS = ("diffusion", "gan")
+CHECKPOINT_KINDS = {"diffusion": "image_diffusion", "gan": "image_gan"}  # the checkpoint's `kind`
+FORMAT_VERSIONS = {"diffusion": 2, "gan": 1}  # diffusion 2: scale-and-shift time conditioning, `prediction`
+PRETRAINED_DIR = Path(__file__).resolve().parent / "models" / "pretrained"  # {model}_model.pt, weights only
+SAMPLERS = {"diffusion": ("ddpm", "ddim", "dpmpp"),  # DDPM's ancestral steps, DDIM, DPM-Solver++(2M)
+            "gan": ("gan",)}  # one forward pass of the generator
 DEFAULT_STEPS = 50  # DDIM and DPM-Solver++ steps
 DEFAULT_GUIDANCE = 1.0  # classifier-free guidance scale w
 FID_EPOCHS = (1, 5, 10, 20)  # epochs that get a sample grid and an FID, plus the last one
@@ -65,15 +73,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineErrorParser(description=__doc__.split("\n")[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mode", choices=["train", "infer"], default="train", help="train a model or sample from one")
+    p.add_argument("--model", choices=MODELS, default="diffusion",
+                   help="the denoising diffusion U-Net, or a class-conditional GAN that draws in one step")
     p.add_argument("--checkpoint", default=None,
-                   help=f"checkpoint path (default: {DEFAULT_CHECKPOINT}; infer falls back to the pretrained model)")
+                   help="checkpoint path (default: models/<model>_model.pt; infer falls back to the pretrained model)")
     p.add_argument("--results_dir", default="results", help="where plots, grids and metrics go")
     p.add_argument("--data_dir", default="data", help="MNIST in torchvision layout (DIR/MNIST/raw)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, noise and sample grids")
 
     g = p.add_argument_group("model and noise schedule (stored in the checkpoint)")
-    g.add_argument("--base_channels", type=int, default=32, help="U-Net width at 28x28; doubled at 14x14 and 7x7")
+    g.add_argument("--base_channels", type=int, default=32,
+                   help="U-Net width at 28x28, doubled at 14x14 and 7x7; the GAN: C, 2C, 4C at 28, 14, 7")
     g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
                    help="self-attention at the 7x7 resolution")
     g.add_argument("--class_conditional", action=argparse.BooleanOptionalAction, default=True,
@@ -86,11 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(Salimans & Ho 2022) or the clean digit x_0")
     g.add_argument("--self_condition", action=argparse.BooleanOptionalAction, default=False,
                    help="feed the U-Net its previous x_0 estimate as a 2nd input channel (Chen et al. 2022)")
+    g.add_argument("--latent_dim", type=int, default=64, help="GAN: size of the generator's noise vector z")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=20, help="total epochs (with --resume: continue up to this)")
     g.add_argument("--batch_size", type=int, default=64, help="images per step on each process")
-    g.add_argument("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
+    g.add_argument("--learning_rate", type=float, default=None,
+                   help="peak learning rate (default: 1e-3, diffusion's AdamW; 2e-4, the GAN generator's Adam)")
+    g.add_argument("--d_learning_rate", type=float, default=None,
+                   help="GAN: the discriminator's Adam learning rate (default: --learning_rate)")
     g.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up before the cosine decay")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the weights used for sampling")
     g.add_argument("--label_dropout", type=float, default=0.1,
@@ -102,9 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = p.add_argument_group("sampling")
     g.add_argument("--num_samples", type=int, default=16, help="images in the final grid")
-    g.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm: ancestral sampling over all T steps; ddim or dpmpp (DPM-Solver++(2M), "
-                        "Lu et al. 2022): --sample_steps steps")
+    g.add_argument("--sampler", choices=[*SAMPLERS["diffusion"], *SAMPLERS["gan"]], default=None,
+                   help="ddpm (diffusion's default): ancestral sampling over all T steps; ddim or dpmpp "
+                        "(DPM-Solver++(2M), Lu et al. 2022): --sample_steps steps; gan (the GAN's only one)")
     g.add_argument("--sample_steps", type=int, default=DEFAULT_STEPS, help="DDIM or DPM-Solver++ steps")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     g.add_argument("--digit", type=int, default=None, help="draw only this digit (class-conditional models)")
@@ -130,8 +145,19 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     """Reject bad settings up front with one sentence, before anything is loaded or written."""
     if args.fid_samples is None:
         args.fid_samples = 1000 if args.mode == "train" else 0
+    if args.sampler is None:
+        args.sampler = SAMPLERS[args.model][0]
+    if args.sampler not in SAMPLERS[args.model]:
+        raise UsageError(f"--sampler {args.sampler} is not one --model {args.model} has: "
+                         f"{', '.join(SAMPLERS[args.model])}")
+    if args.model == "gan" and not args.class_conditional:
+        raise UsageError("the GAN is class-conditional; --no-class_conditional is for --model diffusion")
+    if args.learning_rate is None:
+        args.learning_rate = 2e-4 if args.model == "gan" else 1e-3
+    if args.d_learning_rate is None:
+        args.d_learning_rate = args.learning_rate
     for name in ("epochs", "batch_size", "num_samples", "timesteps", "base_channels", "sample_steps",
-                 "fid_reference_size"):
+                 "fid_reference_size", "latent_dim"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.subset is not None and args.subset < 1:
@@ -142,8 +168,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError("--fid_samples must be 0 or at least 2: a covariance needs two images")
     if args.digit is not None and not 0 <= args.digit <= 9:
         raise UsageError(f"--digit must be between 0 and 9, got {args.digit}")
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
+    for name in ("learning_rate", "d_learning_rate"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if not 0 <= args.ema_decay < 1:
         raise UsageError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.base_channels % 8:
@@ -276,7 +303,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------
-# Model: time embedding and U-Net
+# Models: time embedding and U-Net; the GAN's generator and discriminator
 # ----------------------------------------------------------------------------
 class PositionalEncoding(nn.Module):
     """Sinusoidal timestep embedding (Vaswani et al. 2017): t -> [sin(t w_i), cos(t w_i)]."""
@@ -383,6 +410,88 @@ class DiffusionModel(nn.Module):
         h = self.up2(torch.cat([self.upsample2(h), skip2], dim=1), emb)  # [B, 4C, 14, 14] -> [B, 2C, 14, 14]
         h = self.up1(torch.cat([self.upsample1(h), skip1], dim=1), emb)  # [B, 3C, 28, 28] -> [B, C, 28, 28]
         return self.conv_out(F.silu(self.norm_out(h)))  # [B, 1, 28, 28]
+
+
+class Generator(nn.Module):
+    """G(z, y) for 28x28: z and the digit's embedding -> 7x7 (4C) -> 14x14 (2C) -> 28x28 (C) -> tanh.
+
+    Each stage resizes (nearest) and then convolves, which leaves no checkerboard, unlike a
+    transposed conv (Odena et al. 2016); a mapping of (z, label) scales and shifts the features of
+    every stage (as the time embedding does in the U-Net, and as StyleGAN's style does), so the noise
+    reaches every resolution, not just the first layer. BatchNorm, as in DCGAN: with GroupNorm the
+    generator drew one digit per label whatever z was. Sampling runs in eval mode on the running
+    statistics, so a digit does not depend on the rest of its batch.
+    """
+
+    def __init__(self, base_channels: int = 32, latent_dim: int = 64):
+        super().__init__()
+        c, emb_dim = base_channels, 4 * base_channels
+        self.latent_dim = latent_dim
+        self.label_embedding = nn.Embedding(10, emb_dim)
+        self.mapping = nn.Sequential(nn.Linear(latent_dim + emb_dim, emb_dim), nn.LeakyReLU(0.2),
+                                     nn.Linear(emb_dim, emb_dim))
+        self.project = nn.Linear(latent_dim + emb_dim, 4 * c * 7 * 7)
+        self.stages = nn.ModuleList([GeneratorStage(4 * c, 2 * c, emb_dim),  # 7x7 -> 14x14
+                                     GeneratorStage(2 * c, c, emb_dim)])  # 14x14 -> 28x28
+        self.conv_out = nn.Conv2d(c, 1, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        z_and_label = torch.cat([z, self.label_embedding(labels)], dim=1)  # [B, latent_dim + 4C]
+        style = self.mapping(z_and_label)  # [B, 4C]
+        h = self.project(z_and_label).view(len(z), -1, 7, 7)  # [B, 4C, 7, 7]
+        for stage in self.stages:
+            h = stage(h, style)
+        return torch.tanh(self.conv_out(h))  # [B, 1, 28, 28] in [-1, 1]
+
+
+class GeneratorStage(nn.Module):
+    """BatchNorm, LeakyReLU, resize x2 (nearest), conv 3x3, then the style's scale and shift, LeakyReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_ch)
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv(F.interpolate(F.leaky_relu(self.norm(x), 0.2), scale_factor=2, mode="nearest"))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # 2 x [B, out_ch, 1, 1]
+        return F.leaky_relu(h * (1 + scale) + shift, 0.2)
+
+
+class Discriminator(nn.Module):
+    """D(x, y) = w . phi(x) + <embed(y), phi(x)>: a projection discriminator (Miyato & Koyama 2018).
+
+    28x28 -> 14x14 (C) -> 7x7 (2C, then 4C) -> summed over pixels = phi(x) [B, 4C]. Every layer is
+    spectrally normalised (Miyato et al. 2018), which bounds D's Lipschitz constant and, with the
+    hinge loss, keeps the game stable without a gradient penalty's second backward pass. Before the
+    last conv, D also sees how much each group of 4 images varies (minibatch standard deviation,
+    Karras et al. 2018). The trainer sorts each batch by label and draws the fakes for the same
+    labels, so the groups hold (mostly) one digit: a generator that draws one template per label,
+    whatever z, then stands out (it did, with groups of mixed digits).
+    """
+
+    GROUP = 4  # images per minibatch-std group; training batches are trimmed to a multiple of it
+
+    def __init__(self, base_channels: int = 32):
+        super().__init__()
+        c, sn = base_channels, nn.utils.parametrizations.spectral_norm
+        self.layers = nn.Sequential(
+            sn(nn.Conv2d(1, c, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # 28 -> 14
+            sn(nn.Conv2d(c, 2 * c, 4, stride=2, padding=1)), nn.LeakyReLU(0.2))  # 14 -> 7
+        self.conv_out = sn(nn.Conv2d(2 * c + 1, 4 * c, 3, padding=1))
+        self.linear = sn(nn.Linear(4 * c, 1))
+        self.label_embedding = sn(nn.Embedding(10, 4 * c))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.layers(x)  # [B, 2C, 7, 7]
+        group = math.gcd(self.GROUP, len(h))
+        # groups of consecutive images, so that a batch of reals followed by fakes never mixes the two
+        spread = h.view(-1, group, *h.shape[1:]).std(dim=1, unbiased=False).mean(dim=(1, 2, 3))  # [B / group]
+        spread = spread.repeat_interleave(group)[:, None, None, None].expand(-1, 1, 7, 7)  # [B, 1, 7, 7]
+        h = F.leaky_relu(self.conv_out(torch.cat([h, spread], dim=1)), 0.2)  # [B, 4C, 7, 7]
+        features = h.sum(dim=(2, 3))  # phi(x): [B, 4C]
+        return self.linear(features).squeeze(1) + (self.label_embedding(labels) * features).sum(1)  # [B]
 
 
 @functools.cache
@@ -588,7 +697,9 @@ def balanced_labels(n: int, digit: int | None, device: torch.device) -> torch.Te
 # Training
 # ----------------------------------------------------------------------------
 def model_config(args: argparse.Namespace) -> dict:
-    """Everything needed to rebuild the network and its schedule; stored in every checkpoint."""
+    """Everything needed to rebuild the network (and its schedule); stored in every checkpoint."""
+    if args.model == "gan":
+        return {"base_channels": args.base_channels, "latent_dim": args.latent_dim, "class_conditional": True}
     return {"base_channels": args.base_channels, "attention": args.attention,
             "class_conditional": args.class_conditional, "timesteps": args.timesteps, "schedule": args.schedule,
             "prediction": args.prediction, "self_condition": args.self_condition}
@@ -601,7 +712,54 @@ def build_model(config: dict) -> tuple[DiffusionModel, NoiseSchedule]:
             NoiseSchedule(config["timesteps"], config["schedule"], config["prediction"]))
 
 
-class DiffusionTrainer:
+def build_gan(config: dict) -> tuple[Generator, Discriminator]:
+    return Generator(config["base_channels"], config["latent_dim"]), Discriminator(config["base_channels"])
+
+
+class Trainer:
+    """What both trainers share: the EMA of the weights, and an epoch over this rank's shard that stops on a NaN."""
+
+    loss_names: tuple[str, ...] = ("loss",)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        # Warm the decay up from 0 so that a short run's EMA is not dominated by the random initialisation.
+        decay = min(self.args.ema_decay, (1 + self.step) / (10 + self.step))
+        for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
+            ema_p.lerp_(p, 1 - decay)
+        for ema_b, b in zip(self.ema.buffers(), self.model.buffers()):  # BatchNorm's running statistics
+            ema_b.copy_(b)
+
+    def train_epoch(self, images: torch.Tensor, labels: torch.Tensor) -> list[float]:
+        """One pass over this rank's shard of a fresh permutation; returns the mean losses over all ranks."""
+        self.model.train()
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.args.seed + self.epoch))
+        order = order[self.rank::self.world_size].to(images.device)
+        batches = order.split(self.args.batch_size)
+        total = torch.zeros(len(self.loss_names), device=self.device)
+        window = torch.zeros(len(self.loss_names), device=self.device)
+        progress = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.args.epochs}", leave=False,
+                        disable=self.rank != 0)
+        for i, index in enumerate(progress):
+            losses = self.train_step(to_model_range(images[index]), labels[index])  # [len(loss_names)]
+            total += losses
+            window += losses
+            if (i + 1) % 50 == 0 or i + 1 == len(batches):
+                means = (window / ((i % 50) + 1)).tolist()  # one device sync per 50 steps
+                if not all(map(math.isfinite, means)):
+                    raise TrainingDiverged(f"loss became {means} at epoch {self.epoch + 1}, step {self.step}")
+                self.history["step_loss"].append([self.step, *means])
+                progress.set_postfix({name: f"{mean:.4f}" for name, mean in zip(self.loss_names, means)})
+                window.zero_()
+        mean_losses = total / len(batches)
+        if self.world_size > 1:
+            dist.all_reduce(mean_losses)
+            mean_losses /= self.world_size
+        self.epoch += 1
+        return mean_losses.tolist()
+
+
+class DiffusionTrainer(Trainer):
     """Algorithm 1 of Ho et al.: x_0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2.
 
     With --prediction v or x0 the target is v or x_0 instead of eps (NoiseSchedule.training_target); with
@@ -660,6 +818,7 @@ class DiffusionTrainer:
         return F.mse_loss(predicted.float(), self.schedule.training_target(x0, t, noise))
 
     def train_step(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One AdamW step; returns the loss as a [1] tensor."""
         loss = self.loss(x0, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -668,45 +827,18 @@ class DiffusionTrainer:
         self.lr_scheduler.step()
         self.update_ema()
         self.step += 1
-        return loss.detach()
+        return loss.detach().view(1)
 
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        # Warm the decay up from 0 so that a short run's EMA is not dominated by the random initialisation.
-        decay = min(self.args.ema_decay, (1 + self.step) / (10 + self.step))
-        for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
-            ema_p.lerp_(p, 1 - decay)
+    def learning_rate(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
 
-    def train_epoch(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """One pass over this rank's shard of a fresh permutation; returns the mean loss over all ranks."""
-        self.model.train()
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.args.seed + self.epoch))
-        order = order[self.rank::self.world_size].to(images.device)
-        batches = order.split(self.args.batch_size)
-        total = torch.zeros((), device=self.device)
-        window = torch.zeros((), device=self.device)
-        progress = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.args.epochs}", leave=False,
-                        disable=self.rank != 0)
-        for i, index in enumerate(progress):
-            loss = self.train_step(to_model_range(images[index]), labels[index])
-            total += loss
-            window += loss
-            if (i + 1) % 50 == 0 or i + 1 == len(batches):
-                mean = window.item() / ((i % 50) + 1)  # one device sync per 50 steps
-                if not math.isfinite(mean):
-                    raise TrainingDiverged(f"loss became {mean} at epoch {self.epoch + 1}, step {self.step}")
-                self.history["step_loss"].append([self.step, mean])
-                progress.set_postfix(loss=f"{mean:.4f}")
-                window.zero_()
-        mean_loss = total / len(batches)
-        if self.world_size > 1:
-            dist.all_reduce(mean_loss)
-            mean_loss /= self.world_size
-        self.epoch += 1
-        return mean_loss.item()
+    def image_generator(self) -> ImageGenerator:
+        """The EMA network, ready to draw grids and FID samples."""
+        return ImageGenerator("diffusion", self.ema, self.schedule, self.config["class_conditional"], self.device)
 
     def checkpoint(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "kind": "image_diffusion", "config": self.config,
+        return {"format_version": FORMAT_VERSIONS["diffusion"], "kind": CHECKPOINT_KINDS["diffusion"],
+                "config": self.config,
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "history": self.history, "args": vars(self.args)}
@@ -719,6 +851,83 @@ class DiffusionTrainer:
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
 
 
+class GANTrainer(Trainer):
+    """A class-conditional GAN: hinge loss (Lim & Ye 2017; Miyato et al. 2018), one D step per G step.
+
+    D minimises E[relu(1 - D(x, y))] + E[relu(1 + D(G(z, y), y))] over real digits x with their
+    labels y; G minimises -E[D(G(z, y), y)]. Adam (2e-4, beta1 0.5, beta2 0.999: SNGAN's robust setting
+    for one D step per G step; --d_learning_rate sets a two-time-scale rule, Heusel et al. 2017), and
+    an EMA of G's weights draws every sample (Yazici et al. 2019). Under torchrun both networks are
+    wrapped in DDP.
+    """
+
+    loss_names = ("g_loss", "d_loss")
+
+    def __init__(self, args: argparse.Namespace, config: dict, device: torch.device, steps_per_epoch: int,
+                 rank: int = 0, world_size: int = 1):
+        self.args, self.config, self.device = args, config, device
+        self.rank, self.world_size = rank, world_size
+        self.model, self.discriminator = build_gan(config)
+        self.model, self.discriminator = self.model.to(device), self.discriminator.to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.learning_rate, betas=(0.5, 0.999))
+        self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=args.d_learning_rate,
+                                            betas=(0.5, 0.999))
+        self.step, self.epoch = 0, 0
+        self.history: dict = {"epochs": [], "step_loss": []}
+        self.generator_network, self.discriminator_network = self.model, self.discriminator
+        if world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.generator_network = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.discriminator_network = nn.parallel.DistributedDataParallel(self.discriminator, device_ids=ids)
+
+    def train_step(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One D step, then one G step on the same fakes; returns [G loss, D loss]."""
+        keep = max(len(x) - len(x) % Discriminator.GROUP, min(len(x), Discriminator.GROUP))
+        order = labels[:keep].argsort(stable=True)  # whole minibatch-std groups, mostly of one digit each
+        x, labels = x[:keep][order], labels[:keep][order]
+        z = torch.randn(len(x), self.model.latent_dim, device=self.device)
+        with mixed_precision(self.device):
+            fake = self.generator_network(z, labels)
+            # D step: real and fake in one forward pass (DDP allows one forward per backward)
+            scores = self.discriminator_network(torch.cat([x, fake.detach()]), torch.cat([labels, labels])).float()
+        real_scores, fake_scores = scores.chunk(2)
+        d_loss = F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
+        self.optimizer_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.optimizer_d.step()
+        # G step through the updated D; the bare D, so that its unused gradients are not averaged across ranks
+        with mixed_precision(self.device):
+            g_loss = -self.discriminator(fake, labels).float().mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.optimizer.step()
+        self.update_ema()
+        self.step += 1
+        return torch.stack([g_loss.detach(), d_loss.detach()])
+
+    def learning_rate(self) -> float:
+        return self.args.learning_rate
+
+    def image_generator(self) -> ImageGenerator:
+        return ImageGenerator("gan", self.ema, None, True, self.device)
+
+    def checkpoint(self) -> dict:
+        return {"format_version": FORMAT_VERSIONS["gan"], "kind": CHECKPOINT_KINDS["gan"], "config": self.config,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "discriminator": self.discriminator.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "optimizer_d": self.optimizer_d.state_dict(), "epoch": self.epoch, "step": self.step,
+                "history": self.history, "args": vars(self.args)}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer_d.load_state_dict(state["optimizer_d"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+
+
 class TrainingDiverged(Exception):
     """The loss stopped being a finite number; the last checkpoint on disk is the last good one."""
 
@@ -726,19 +935,23 @@ class TrainingDiverged(Exception):
 # ----------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint of this script, or explain in one sentence why it cannot be used."""
+def load_checkpoint(path: Path, model: str = "diffusion") -> dict:
+    """Read a checkpoint of this script's `model`, or explain in one sentence why it cannot be used."""
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist (train one first with --mode train)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (torch raises many types for a damaged file; all mean the same)
         raise UsageError(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(error).__name__})") from None
-    if not isinstance(state, dict) or state.get("kind") != "image_diffusion" or "config" not in state:
-        raise UsageError(f"checkpoint {path} is not an image_gen.py diffusion checkpoint")
-    if state.get("format_version") != FORMAT_VERSION:
+    kinds = {kind: name for name, kind in CHECKPOINT_KINDS.items()}
+    if not isinstance(state, dict) or state.get("kind") not in kinds or "config" not in state:
+        raise UsageError(f"checkpoint {path} is not an image_gen.py checkpoint")
+    if kinds[state["kind"]] != model:
+        raise UsageError(f"checkpoint {path} holds a {kinds[state['kind']]} model, not a {model} one; "
+                         f"pass --model {kinds[state['kind']]}")
+    if state.get("format_version") != FORMAT_VERSIONS[model]:
         raise UsageError(f"checkpoint {path} has format {state.get('format_version')}, "
-                         f"this script reads format {FORMAT_VERSION}")
+                         f"this script reads format {FORMAT_VERSIONS[model]}")
     return state
 
 
@@ -749,13 +962,22 @@ def load_weights(module: nn.Module, weights: dict, path: Path) -> None:
         raise UsageError(f"checkpoint {path} does not match the network its config describes") from None
 
 
-def infer_checkpoint_path(checkpoint: str | Path | None) -> Path:
-    """The checkpoint given, else the trained models/diffusion_model.pt, else the pretrained model shipped with the repo."""
+def default_checkpoint(model: str) -> Path:
+    """Where training writes by default: models/diffusion_model.pt or models/gan_model.pt."""
+    return Path("models") / f"{model}_model.pt"
+
+
+def infer_checkpoint_path(checkpoint: str | Path | None, model: str = "diffusion") -> Path:
+    """The checkpoint given, else the trained models/<model>_model.pt, else the pretrained one shipped with the repo."""
     if checkpoint is not None:
         return Path(checkpoint)
-    if DEFAULT_CHECKPOINT.is_file():
-        return DEFAULT_CHECKPOINT
-    return PRETRAINED_CHECKPOINT
+    if default_checkpoint(model).is_file():
+        return default_checkpoint(model)
+    return PRETRAINED_DIR / f"{model}_model.pt"
+
+
+def is_pretrained(path: Path) -> bool:
+    return path.resolve().parent == PRETRAINED_DIR
 
 
 # ----------------------------------------------------------------------------
@@ -767,9 +989,9 @@ class ImageGenerator:
     through `generate` (checked arguments, uint8 out) or `draw` (labels and a torch.Generator, model range out).
     """
 
-    kind: Literal["diffusion"]
-    network: nn.Module  # the EMA weights
-    schedule: NoiseSchedule
+    kind: Literal["diffusion", "gan"]
+    network: nn.Module  # the EMA weights: the U-Net, or the GAN's generator
+    schedule: NoiseSchedule | None  # None for the GAN
     class_conditional: bool
     device: torch.device
     checkpoint: Path | None = None  # None while training holds the network in memory
@@ -778,7 +1000,7 @@ class ImageGenerator:
 
     @property
     def samplers(self) -> tuple[str, ...]:
-        return SAMPLERS
+        return SAMPLERS[self.kind]
 
     def generate(self, num_samples: int, digit: int | None = None, sampler: str | None = None,
                  steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE, eta: float = 0.0,
@@ -786,8 +1008,10 @@ class ImageGenerator:
         """num_samples digits as uint8 [N, 28, 28]; the same arguments always give the same pixels.
 
         digit None draws 0..9 in equal shares, sorted (one digit per row of a grid) on a conditional
-        model. sampler None is the model's first (ddpm); steps is ignored by ddpm (all T), eta by all but ddim. When `frames` is a list, about 20
-        uint8 [N, 28, 28] steps of the denoising are appended to it. Bad arguments raise UsageError.
+        model. sampler None is the model's first (ddpm; gan). ddpm ignores steps (it takes all T), all
+        but ddim ignore eta, and the GAN ignores steps, guidance_scale and eta. When `frames` is a list,
+        about 20 uint8 [N, 28, 28] steps of the denoising are appended to it (nothing for the GAN).
+        Bad arguments raise UsageError.
         """
         sampler = self.samplers[0] if sampler is None else sampler
         self.check(num_samples, digit, sampler, steps, guidance_scale, eta)
@@ -822,27 +1046,65 @@ class ImageGenerator:
              eta: float, generator: torch.Generator, frames: list[torch.Tensor] | None = None,
              progress: bool = False) -> torch.Tensor:
         """n images [n, 1, 28, 28] in [-1, 1], unchecked: the loop that training and FID call."""
+        if self.kind == "gan":
+            return self.decode(self.latents(n, generator), labels)
         return sample(self.network, self.schedule, n, sampler=sampler, steps=steps, eta=eta, labels=labels,
                       guidance_scale=guidance_scale, generator=generator, frames=frames, progress=progress)
+
+    def latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """z ~ N(0, I) [n, latent_dim], drawn on the CPU so that a seed gives the same digits on any device."""
+        return torch.randn(n, self.network.latent_dim, generator=generator, device="cpu").to(self.device)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The GAN's generator on latents z: [n, 1, 28, 28] in [-1, 1]."""
+        self.network.eval()
+        with mixed_precision(self.device):
+            return self.network(z, labels).float().clamp(-1, 1)
+
+    def interpolate(self, num_samples: int, digit: int | None = None, seed: int = 0, legs: int = 4,
+                    frames_per_leg: int = 12) -> list[np.ndarray]:
+        """The GAN's animation: each sample walks a closed loop through `legs` random latents, along great
+        circles (slerp; Gaussian latents live near a sphere, so straight lines would pass through
+        unlikely, faded digits). Returns uint8 [N, 28, 28] frames; the first are generate()'s digits."""
+        if self.kind != "gan":
+            raise UsageError("latent interpolation needs a GAN; a diffusion model has no latent to walk")
+        self.check(num_samples, digit, "gan", 1, DEFAULT_GUIDANCE, 0.0)
+        labels = balanced_labels(num_samples, digit, self.device)
+        generator = torch.Generator().manual_seed(seed)
+        stops = [self.latents(num_samples, generator) for _ in range(legs)]
+        frames = []
+        for start, end in zip(stops, stops[1:] + stops[:1]):
+            angle = torch.arccos(F.cosine_similarity(start, end, dim=1).clamp(-1, 1))[:, None]  # [N, 1]
+            for k in range(frames_per_leg):
+                f = k / frames_per_leg
+                z = start if k == 0 else (torch.sin((1 - f) * angle) * start + torch.sin(f * angle) * end) \
+                    / torch.sin(angle)
+                frames.append(to_uint8(self.decode(z, labels))[:, 0].cpu().numpy())
+        return frames
 
 
 def load_image_generator(checkpoint: str | Path | None = None, model: str = "diffusion",
                          device: str | None = None) -> ImageGenerator:
     """Load a checkpoint's EMA weights for drawing; any problem with it raises UsageError.
 
-    checkpoint None picks what --mode infer picks: models/diffusion_model.pt when you have trained one,
-    else the shipped models/pretrained/diffusion_model.pt. device None is cuda when available, else cpu.
+    model is "diffusion" or "gan". checkpoint None picks what --mode infer picks: models/<model>_model.pt
+    when you have trained one, else the shipped models/pretrained/<model>_model.pt. device None is cuda
+    when available, else cpu.
     """
-    if model != "diffusion":
-        raise UsageError(f"model must be diffusion, got {model!r}")
-    path = infer_checkpoint_path(checkpoint)
+    if model not in MODELS:
+        raise UsageError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    path = infer_checkpoint_path(checkpoint, model)
     torch_device = resolve_device(None if device is None else str(device))
-    state = load_checkpoint(path)
-    network, schedule = build_model(state["config"])
+    state = load_checkpoint(path, model)
+    config = state["config"]
+    try:
+        network, schedule = build_model(config) if model == "diffusion" else (build_gan(config)[0], None)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise UsageError(f"checkpoint {path} has a config this script cannot build a network from") from None
     load_weights(network, state.get("ema", state["model"]), path)
-    return ImageGenerator(model, network.to(torch_device).eval(), schedule.to(torch_device),
-                          state["config"]["class_conditional"], torch_device, path,
-                          hashlib.sha256(path.read_bytes()).hexdigest())
+    return ImageGenerator(model, network.to(torch_device).eval(), schedule and schedule.to(torch_device),
+                          config["class_conditional"], torch_device, path, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 # ----------------------------------------------------------------------------
@@ -934,7 +1196,7 @@ def generate_in_batches(image_generator: ImageGenerator, n: int, args: argparse.
 def fid_description(args: argparse.Namespace, evaluator: FIDEvaluator, world_size: int) -> dict:
     """What every FID figure is: sample count, sampler, reference set, feature extractor."""
     return {"samples": args.fid_samples - args.fid_samples % world_size, "sampler": args.sampler,
-            "sample_steps": args.sample_steps if args.sampler != "ddpm" else None,
+            "sample_steps": args.sample_steps if args.sampler in ("ddim", "dpmpp") else None,
             "guidance_scale": args.guidance_scale, "reference": "MNIST test set",
             "reference_size": evaluator.reference_size, "feature_extractor": evaluator.extractor,
             "resize": "28x28 -> 299x299 bilinear, gray -> 3 channels"}
@@ -991,19 +1253,26 @@ def save_individual_samples(images_u8: torch.Tensor, folder: Path) -> None:
         atomic_write(folder / f"sample_{i:05d}.png", lambda tmp, image=image: Image.fromarray(image, mode="L").save(tmp))
 
 
-def plot_training(history: dict, results: Path) -> None:
+def plot_training(history: dict, results: Path, loss_names: tuple[str, ...] = ("loss",)) -> None:
+    """training_loss.png (each loss per 50 steps and per epoch) and metrics_comparison.png (losses and FID)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = history["epochs"]
+    gan = loss_names != ("loss",)
     fig, ax = plt.subplots(figsize=(7, 4))
-    if history["step_loss"]:
-        steps, losses = zip(*history["step_loss"])
-        ax.plot(steps, losses, lw=1, alpha=0.6, label="mean of 50 steps")
     steps_at_epoch_end = [e["step"] for e in epochs]
-    ax.plot(steps_at_epoch_end, [e["loss"] for e in epochs], "o-", label="epoch mean")
-    ax.set(xlabel="optimizer step", ylabel="MSE(eps, eps_theta)", title="Diffusion training loss", yscale="log")
+    for column, name in enumerate(loss_names, start=1):
+        label = {"loss": "", "g_loss": "generator ", "d_loss": "discriminator "}[name]
+        if history["step_loss"]:
+            ax.plot([row[0] for row in history["step_loss"]], [row[column] for row in history["step_loss"]], lw=1,
+                    alpha=0.6, label=f"{label}mean of 50 steps")
+        ax.plot(steps_at_epoch_end, [e[name] for e in epochs], "o-", label=f"{label}epoch mean")
+    if gan:
+        ax.set(xlabel="optimizer step", ylabel="hinge loss", title="GAN training losses")
+    else:
+        ax.set(xlabel="optimizer step", ylabel="MSE(eps, eps_theta)", title="Diffusion training loss", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -1011,8 +1280,9 @@ def plot_training(history: dict, results: Path) -> None:
     plt.close(fig)
 
     fig, ax_loss = plt.subplots(figsize=(7, 4))
-    ax_loss.plot([e["epoch"] for e in epochs], [e["loss"] for e in epochs], "o-", color="tab:blue", label="loss")
-    ax_loss.set(xlabel="epoch", ylabel="training loss")
+    for name, style in zip(loss_names, ("o-", "^-")):
+        ax_loss.plot([e["epoch"] for e in epochs], [e[name] for e in epochs], style, color="tab:blue", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="training loss" + (" (G: o, D: ^)" if gan else ""))
     ax_loss.yaxis.label.set_color("tab:blue")
     ax_fid = ax_loss.twinx()
     scored = [e for e in epochs if e.get("fid") is not None]
@@ -1038,10 +1308,10 @@ def write_json(path: Path, payload: dict) -> None:
 # Main: train and infer
 # ----------------------------------------------------------------------------
 def train(args: argparse.Namespace, device: torch.device, rank: int, world_size: int) -> None:
-    path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
-    if path.resolve() == PRETRAINED_CHECKPOINT:
-        raise UsageError(f"{path} is the shipped pretrained model; train into another --checkpoint")
-    state = load_checkpoint(path) if args.resume else None
+    path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.model)
+    if is_pretrained(path):
+        raise UsageError(f"{path} is a shipped pretrained model; train into another --checkpoint")
+    state = load_checkpoint(path, args.model) if args.resume else None
     if state is not None and "optimizer" not in state:
         raise UsageError(f"checkpoint {path} holds weights only (no optimizer state) and cannot be resumed")
     config = state["config"] if state else model_config(args)
@@ -1058,7 +1328,8 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
         images, labels = images[:args.subset], labels[:args.subset]
     images, labels = images.to(device), labels.to(device)  # 47 MB: the whole set lives on the device
     steps_per_epoch = math.ceil(len(images) / world_size / args.batch_size)
-    trainer = DiffusionTrainer(args, config, device, steps_per_epoch, rank, world_size)
+    trainer = (GANTrainer if args.model == "gan" else DiffusionTrainer)(args, config, device, steps_per_epoch,
+                                                                        rank, world_size)
     if state:
         try:
             trainer.restore(state)
@@ -1070,7 +1341,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
         trainer.history["fid_setup"] = fid_description(args, evaluator, world_size)
     conditional = config["class_conditional"]
     grid_labels = balanced_labels(args.num_samples, None, device) if conditional else None
-    drawing = ImageGenerator("diffusion", trainer.ema, trainer.schedule, conditional, device)
+    drawing = trainer.image_generator()
     if rank == 0:
         print(f"training {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters on "
               f"{len(images)} images, {world_size} process(es) on {device}, epochs {trainer.epoch + 1}..{args.epochs}")
@@ -1078,11 +1349,10 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     epochs = tqdm(range(trainer.epoch, args.epochs), desc="training", disable=rank != 0)
     for epoch_index in epochs:
         started = time.perf_counter()
-        loss = trainer.train_epoch(images, labels)
+        losses = dict(zip(trainer.loss_names, trainer.train_epoch(images, labels)))
         seconds = time.perf_counter() - started
-        record = {"epoch": trainer.epoch, "step": trainer.step, "loss": loss, "seconds": round(seconds, 2),
-                  "images_per_second": round(len(images) / seconds, 1), "lr": trainer.lr_scheduler.get_last_lr()[0],
-                  "fid": None}
+        record = {"epoch": trainer.epoch, "step": trainer.step, **losses, "seconds": round(seconds, 2),
+                  "images_per_second": round(len(images) / seconds, 1), "lr": trainer.learning_rate(), "fid": None}
         if trainer.epoch in FID_EPOCHS or trainer.epoch == args.epochs:
             if rank == 0:  # the same noise every time, so grids from different epochs compare
                 grid = drawing.draw(args.num_samples, grid_labels, args.sampler, args.sample_steps,
@@ -1099,9 +1369,10 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
         trainer.history["epochs"].append(record)
         if rank == 0:
             fid_text = f", FID {record['fid']:.2f}" if record["fid"] is not None else ""
-            epochs.write(f"epoch {trainer.epoch}: loss {loss:.4f}{fid_text}, {record['images_per_second']:.0f} img/s")
+            loss_text = ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
+            epochs.write(f"epoch {trainer.epoch}: {loss_text}{fid_text}, {record['images_per_second']:.0f} img/s")
             atomic_write(path, lambda tmp: torch.save(trainer.checkpoint(), tmp))
-            plot_training(trainer.history, results)
+            plot_training(trainer.history, results, trainer.loss_names)
             write_json(results / "image_metrics.json", {"history": trainer.history["epochs"],
                                                         "fid_setup": trainer.history.get("fid_setup"),
                                                         "config": config, "checkpoint": str(path)})
@@ -1110,28 +1381,35 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
         generate_final(drawing, args, results)
 
 
-def generate_final(image_generator: ImageGenerator, args: argparse.Namespace, results: Path) -> None:
-    """final_samples.png, denoising.gif and one PNG per sample, from a fixed seed."""
+def generate_final(image_generator: ImageGenerator, args: argparse.Namespace, results: Path) -> Path:
+    """final_samples.png, the animation and one PNG per sample, from a fixed seed; returns the animation's path.
+
+    The animation is denoising.gif (noise -> digits) for diffusion, latent_interpolation.gif for the GAN.
+    """
     frames: list[np.ndarray] = []
     images = torch.from_numpy(image_generator.generate(
         args.num_samples, args.digit, args.sampler, args.sample_steps, args.guidance_scale, args.eta, args.seed,
         frames, progress=True)).unsqueeze(1)  # [N, 1, 28, 28]
     nrow = grid_columns(args.num_samples, image_generator.class_conditional, args.digit)
-    steps = f"{image_generator.schedule.timesteps} DDPM steps" if args.sampler == "ddpm" else \
-        f"{args.sample_steps} {'DDIM' if args.sampler == 'ddim' else 'DPM-Solver++'} steps"
-    save_grid(images, results / "final_samples.png", nrow, f"{args.num_samples} samples, {steps}")
-    save_denoising_gif(frames, results / "denoising.gif", nrow)
+    how = {"ddpm": f"{image_generator.schedule.timesteps if image_generator.schedule else 0} DDPM steps",
+           "ddim": f"{args.sample_steps} DDIM steps", "dpmpp": f"{args.sample_steps} DPM-Solver++ steps",
+           "gan": "one GAN generator step"}[args.sampler]
+    save_grid(images, results / "final_samples.png", nrow, f"{args.num_samples} samples, {how}")
+    if image_generator.kind == "gan":
+        frames = image_generator.interpolate(args.num_samples, args.digit, args.seed)
+    animation = results / ("latent_interpolation.gif" if image_generator.kind == "gan" else "denoising.gif")
+    save_denoising_gif(frames, animation, nrow)
     save_individual_samples(images, results / "samples")
+    return animation
 
 
 def infer(args: argparse.Namespace, device: torch.device) -> None:
-    image_generator = load_image_generator(args.checkpoint, "diffusion", str(device))
+    image_generator = load_image_generator(args.checkpoint, args.model, str(device))
     path = image_generator.checkpoint
-    print(f"using checkpoint {path}" + (" (pretrained)" if path.resolve() == PRETRAINED_CHECKPOINT else ""))
+    print(f"using checkpoint {path}" + (" (pretrained)" if is_pretrained(path) else ""))
     results = Path(args.results_dir)
-    generate_final(image_generator, args, results)
-    print(f"wrote {results / 'final_samples.png'}, {results / 'denoising.gif'} and {args.num_samples} PNGs "
-          f"in {results / 'samples'}")
+    animation = generate_final(image_generator, args, results)
+    print(f"wrote {results / 'final_samples.png'}, {animation} and {args.num_samples} PNGs in {results / 'samples'}")
     if args.fid_samples:
         evaluator = FIDEvaluator(args.data_dir, args.fid_reference_size, device)
         labels = balanced_labels(args.fid_samples, args.digit, device) if image_generator.class_conditional \

