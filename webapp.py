@@ -96,11 +96,8 @@ def digit_grid(images_u8: np.ndarray, digit: int | None, conditional: bool) -> n
     return make_grid(cells, nrow=10, padding=2, pad_value=255)[0].numpy()
 
 
-def denoising_gif(frames: list[np.ndarray], digit: int | None, conditional: bool) -> bytes | None:
-    """Each denoising frame (N, 28, 28) as a grid, the finished digits held for 1.5 s; None without frames
-    (the GAN draws in one step)."""
-    if not frames:
-        return None
+def animation_gif(frames: list[np.ndarray], digit: int | None, conditional: bool) -> bytes:
+    """Each frame (N, 28, 28) as a grid, the last held for 1.5 s: the denoising, or the GAN's latent walk."""
     pictures = [enlarge(digit_grid(frame, digit, conditional)) for frame in frames]
     buffer = io.BytesIO()
     pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:],
@@ -182,23 +179,25 @@ def digits_tab() -> None:
                 images = generator.generate(request.num_samples, digit=request.digit, sampler=request.sampler,
                                             steps=request.steps, guidance_scale=request.guidance_scale,
                                             eta=request.eta, seed=request.seed, frames=frames)
+                if generator.kind == "gan":  # one step, nothing to denoise: walk its latent space instead
+                    frames = generator.interpolate(request.num_samples, request.digit, request.seed)
             seconds = time.monotonic() - started
             status.update(label=f"Drew {num_samples} digits in {seconds:.2f} s", state="complete")
         grid = enlarge(digit_grid(images, request.digit, generator.class_conditional))
-        st.session_state.drawn = {"grid": png(grid), "gif": denoising_gif(frames, request.digit,
+        st.session_state.drawn = {"grid": png(grid), "gif": animation_gif(frames, request.digit,
                                                                            generator.class_conditional),
                                    "caption": f"{num_samples} samples, {sampler}, seed {request.seed}, "
-                                              f"{seconds:.2f} s"}
+                                              f"{seconds:.2f} s",
+                                   "animation": ("latent walk (slerp through 4 latents)", "latent_interpolation.gif")
+                                   if generator.kind == "gan" else ("noise → digits", "denoising.gif")}
 
     if drawn := st.session_state.get("drawn"):
         grid_column, gif_column = st.columns(2)
         grid_column.image(drawn["grid"], caption=drawn["caption"], output_format="PNG")
         grid_column.download_button("Download the grid (PNG)", drawn["grid"], "digits.png", "image/png")
-        if drawn["gif"] is None:
-            gif_column.caption("The GAN draws in one step: there is no denoising to animate.")
-        else:
-            gif_column.image(drawn["gif"], caption="noise → digits", output_format="GIF")
-            gif_column.download_button("Download the animation (GIF)", drawn["gif"], "denoising.gif", "image/gif")
+        what, name = drawn["animation"]
+        gif_column.image(drawn["gif"], caption=what, output_format="GIF")
+        gif_column.download_button("Download the animation (GIF)", drawn["gif"], name, "image/gif")
 
 
 # ----------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def test_the_gan_draws_beside_diffusion_when_one_is_served(app):
     app.button[0].click()
     app.run()
     assert_clean(app)
-    assert len(app.image) == 1 and "one step" in app.caption[-1].value
+    assert len(app.image) == 2 and app.image[1].proto.imgs[0].caption.startswith("latent walk")
 
 
 def test_generate_refuses_what_the_api_refuses_with_one_message(app):
