@@ -38,6 +38,7 @@ FID_SOURCE = ("1,000 samples of the shipped model (100 per digit, sample seed 1)
 FID = {("ddim", 20, 0.0, 1.0): 12.5, ("ddim", 50, 0.0, 1.0): 12.7, ("ddim", 50, 1.0, 1.0): 10.4}
 SPEED_SOURCE = "batch 100, one CPU thread, bf16 autocast: `benchmarks/bench_image.py --only speed`"
 MS_PER_IMAGE_STEP = 1.0  # DDIM-50 at 50 ms/image; DDPM-1000 at 1.01 s/image
+UNMEASURED = "—"  # a setting the benchmark did not measure
 # The same IAG_* variables as api.py; unset, the checkpoints are the ones --mode infer picks.
 TORCH_THREADS = int(os.environ.get("IAG_TORCH_THREADS", "1"))
 IMAGE_CHECKPOINT = os.environ.get("IAG_IMAGE_CHECKPOINT")
@@ -130,10 +131,10 @@ def first_error(error: pydantic.ValidationError) -> str:
 def figures_for(model: str, sampler: str, steps: int, eta: float, guidance: float) -> tuple[str, str]:
     """The measured FID of this setting (or that none was measured) and its expected sampling time per image."""
     if model != "diffusion":
-        return "not measured", "not measured"
+        return UNMEASURED, UNMEASURED
     network_steps = api.DDPM_STEPS if sampler == "ddpm" else steps
     key = (sampler, network_steps if sampler == "ddim" else steps, eta if sampler == "ddim" else 0.0, guidance)
-    fid = f"{FID[key]:.1f}" if key in FID else "not measured"
+    fid = f"{FID[key]:.1f}" if key in FID else UNMEASURED
     cost = MS_PER_IMAGE_STEP * network_steps * (2 if guidance != 1 else 1)  # guidance runs the U-Net twice
     return fid, f"≈ {cost:.0f} ms"
 
@@ -158,8 +159,8 @@ def digits_tab() -> None:
         submitted = st.form_submit_button("Generate", type="primary")
     fid, speed = figures_for(model, sampler, steps, eta, guidance)
     fid_column, speed_column, source_column = st.columns([1, 1, 4])
-    fid_column.metric("FID-1k of this setting", fid)
-    speed_column.metric("Sampling per image", speed)
+    fid_column.metric("FID-1k of this setting", fid, help="— : not measured by the benchmark")
+    speed_column.metric("Sampling per image", speed, help="— : not measured by the benchmark")
     source_column.caption(f"Benchmark figures. FID: {FID_SOURCE}. Speed: {SPEED_SOURCE}; guidance runs the U-Net "
                           f"twice.")
 

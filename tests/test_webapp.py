@@ -61,7 +61,7 @@ def test_generate_draws_the_grid_and_the_animation(app):
     assert_clean(app)
     assert app.get("status")[0].proto.label.startswith("Drew 4 digits")
     assert len(app.image) == 2 and len(app.get("download_button")) == 2
-    assert app.metric[0].value == "not measured"  # DDIM-3 has no benchmark figure
+    assert app.metric[0].value == "—"  # DDIM-3 has no benchmark figure
 
 
 def test_the_gan_draws_beside_diffusion_when_one_is_served(app):
