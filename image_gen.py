@@ -62,7 +62,9 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "models" / "pretrained"  # {m
 SAMPLERS = {"diffusion": ("ddpm", "ddim", "dpmpp"),  # DDPM's ancestral steps, DDIM, DPM-Solver++(2M)
             "gan": ("gan",)}  # one forward pass of the generator
 DEFAULT_STEPS = 50  # DDIM and DPM-Solver++ steps
-DEFAULT_GUIDANCE = 1.0  # classifier-free guidance scale w
+# Classifier-free guidance scale w. At w = 1 (plain conditional) the shipped model's DDIM-50 samples were
+# read as the digit asked for 95.8 % of the time, 88 % for a 2 (docs/image.md); w = 2 draws the digit asked for.
+DEFAULT_GUIDANCE = 2.0
 FID_EPOCHS = (1, 5, 10, 20)  # epochs that get a sample grid and an FID, plus the last one
 
 
@@ -124,7 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     g.add_argument("--digit", type=int, default=None, help="draw only this digit (class-conditional models)")
     g.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE,
-                   help="classifier-free guidance w: eps_uncond + w (eps_cond - eps_uncond); 1 = plain conditional")
+                   help="classifier-free guidance w: eps_uncond + w (eps_cond - eps_uncond); 1 = plain conditional "
+                        "(docs/image.md measures w against how often --digit N is read as N)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--fid_samples", type=int, default=None,

@@ -57,9 +57,8 @@ def main() -> None:
     if args.gan_run:
         inference_only(args.gan_run / "gan_model.pt", ROOT / "models" / "pretrained" / "gan_model.pt")
         results = args.gan_run / "results"
-        for name in ("final_samples.png", "latent_interpolation.gif", "training_loss.png",
-                     "epoch_comparisons/metrics_comparison.png"):
-            copy(results / name, images / f"gan_{Path(name).name}")
+        for name in ("final_samples.png", "latent_interpolation.gif", "training_loss.png"):
+            copy(results / name, images / f"gan_{name}")
     if args.audio_run:
         inference_only(args.audio_run / "audio_autoencoder.pt", ROOT / "models" / "pretrained" / "audio_autoencoder.pt")
         results = args.audio_run / "results"

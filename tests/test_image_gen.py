@@ -522,7 +522,8 @@ def classifier(mnist_dir):
     return classifier
 
 
-@pytest.mark.parametrize("model,flags", [("diffusion", ["--sampler", "ddim", "--sample_steps", "50"])])
+@pytest.mark.parametrize("model,flags", [("diffusion", ["--sampler", "ddim", "--sample_steps", "50"]),
+                                         ("gan", [])])
 def test_pretrained_model_draws_the_digit_asked_for(model, flags, tmp_path, mnist_dir, classifier):
     """From any folder, infer with no --checkpoint falls back to the shipped model; a classifier reads its 3s."""
     result = run_script("image_gen.py", "--mode", "infer", "--model", model, *flags,
