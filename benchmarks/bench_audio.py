@@ -136,6 +136,7 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
                     val_sources: list[str]) -> None:
     """One model per latent budget, trained as audio_gen.py trains (corpus draws, PCA start, AdamW, cosine)."""
     budgets = [int(b) for b in cfg.budgets.split(",")]
+    pca_sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.pca_clips]
     steps_per_epoch = -(-len(train) // 16)
     labels = np.array(val_sources)
     speech = val[torch.from_numpy(labels == "speech")][: cfg.wave_clips]
@@ -166,7 +167,7 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
                 mel = normalised_mels(pre, clips)
                 with torch.no_grad():
                     model_mel = model(mel)
-                pca_mel = pca_reconstruct(train_mel[:cfg.pca_clips], mel, k)
+                pca_mel = pca_reconstruct(train_mel[pca_sample], mel, k)
                 for path, m in (("model", model_mel), ("pca", pca_mel), ("ceiling", mel)):
                     row[f"{name}_{path}"] = after_inverse(pre, clips, m, name == "speech", cfg.seed)
             rows.append(row)
@@ -232,8 +233,9 @@ def long_input(cfg: argparse.Namespace, val: torch.Tensor) -> None:
             path = Path(tmp) / f"long_{minutes:g}min.wav"
             sf.write(path, wav.numpy(), ag.SAMPLE_RATE, subtype="PCM_16")
             start = time.perf_counter()
-            code = ("import resource, sys, audio_gen; audio_gen.main(sys.argv[1:]); "
-                    "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            # VmHWM, not getrusage: ru_maxrss survives exec, so it would report this benchmark's own peak
+            code = ("import re, sys, audio_gen; audio_gen.main(sys.argv[1:]); print('peak_kb', "
+                    "re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
             proc = subprocess.run([sys.executable, "-c", code, "--mode", "infer", "--input", str(path),
                                    "--checkpoint", cfg.checkpoint, "--results_dir", tmp],
                                   cwd=ROOT, capture_output=True, text=True)
