@@ -304,14 +304,18 @@ class ImageRequest(BaseModel):
     sampler: Literal["ddpm", "ddim", "dpmpp", "gan"] | None = Field(
         None, description="ddpm (all 1000 steps), ddim or dpmpp (`steps` steps); gan for the GAN; null: ddim / gan")
     steps: int = Field(image_gen.DEFAULT_STEPS, ge=1, le=MAX_STEPS, description="network steps of ddim and dpmpp")
-    guidance_scale: float = Field(1.0, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
-                                  description="classifier-free guidance w; 1 = plain conditional")
+    guidance_scale: float | None = Field(
+        None, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
+        description=f"classifier-free guidance w; 1 = plain conditional; null: {image_gen.DEFAULT_GUIDANCE} for "
+                    "diffusion, as image_gen.py's default (every --digit read as asked), 1 for the GAN")
     eta: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="DDIM noise: 0 deterministic, 1 DDPM-like")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="the same seed and settings give the same images")
 
     @model_validator(mode="after")
     def bounded_work(self) -> Self:
         self.sampler = self.sampler or DEFAULT_SAMPLER[self.model]
+        if self.guidance_scale is None:
+            self.guidance_scale = image_gen.DEFAULT_GUIDANCE if self.model == "diffusion" else 1.0
         if (self.model == "gan") != (self.sampler == "gan"):
             raise ValueError(f"sampler {self.sampler} does not draw with model {self.model}")
         if self.model == "gan" and (self.guidance_scale != 1 or self.eta != 0):
