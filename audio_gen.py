@@ -894,7 +894,8 @@ class AudioPreprocessor(nn.Module):
 def log_mels(dataset: Dataset, pre: AudioPreprocessor, batch_size: int, device: torch.device) -> torch.Tensor:
     """Clips -> log-mels (N, n_mels, T), not yet normalised, computed once before training: the STFT would otherwise
     cost a quarter of every training step, and a mel holds 2.5x fewer numbers than its waveform."""
-    return torch.cat([pre.log_mel(wav * pre.level_gain(wav)) for wav in DataLoader(dataset, batch_size=batch_size)]).to(device)
+    return torch.cat([pre.log_mel(wav * pre.level_gain(wav))
+                      for wav in (batch.to(device) for batch in DataLoader(dataset, batch_size=batch_size))])
 
 
 def fit_normalisation(train_log_mels: torch.Tensor) -> tuple[float, float]:
@@ -975,7 +976,8 @@ def score_clips(model: nn.Module, pre: AudioPreprocessor, clips: torch.Tensor, c
     model.eval()
     mels, mel_hats = [], []
     for wav in clips.split(cfg.batch_size):
-        mel = pre(wav.to(device) * pre.level_gain(wav.to(device)))
+        wav = wav.to(device)
+        mel = pre(wav * pre.level_gain(wav))
         mels.append(mel), mel_hats.append(model(mel))
     mel_scores = mel_metrics(torch.cat(mels), torch.cat(mel_hats), pre)
     heard = clips[: cfg.eval_clips].to(device)
@@ -1314,7 +1316,7 @@ class AudioModel:
 
     def metrics(self, wav: torch.Tensor, rec: dict, speech_like: bool = True) -> dict:
         """Mel metrics, and after Griffin-Lim the model's and the ceiling's waveform metrics (PESQ/STOI if speech_like)."""
-        return {"mel": {**mel_metrics(rec["mel"][None], rec["mel_hat"][None], self.pre.cpu()), "clips": 1},
+        return {"mel": {**mel_metrics(rec["mel"][None].to(self.device), rec["mel_hat"][None].to(self.device), self.pre), "clips": 1},
                 "waveform": {"clips": 1, "autoencoder": waveform_metrics(wav[None], rec["wav_hat"][None], speech_like),
                              "griffin_lim_ceiling": waveform_metrics(wav[None], rec["wav_ceiling"][None], speech_like)}}
 

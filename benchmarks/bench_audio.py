@@ -266,11 +266,12 @@ def main() -> None:
     root = Path(cfg.corpus_dir)
     if not (root / "manifest.json").is_file():
         raise SystemExit(f"error: no corpus at {root}: python audio_gen.py --mode corpus --corpus_dir {root}")
-    train, train_sources = ag.corpus_split(root, "train")
+    # the training split (5 GB in memory at 90 minutes) only for the parts that fit PCA or train models
+    train, train_sources = ag.corpus_split(root, "train") if parts & {"held-out", "rate"} else (None, None)
     val, val_sources = ag.corpus_split(root, "test")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.pca_clips]
     audio = ag.load_audio_model(cfg.checkpoint, "cpu") if parts & {"held-out", "speed"} else None
     if "held-out" in parts:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.pca_clips]
         held_out(cfg, audio, train[order], val, val_sources)
     if "rate" in parts:
         rate_distortion(cfg, train, train_sources, val, val_sources)
