@@ -198,6 +198,13 @@ def wait_for(chrome, css: str, count: int = 1, timeout: float = 180):
         lambda d: (found := d.find_elements(By.CSS_SELECTOR, css)) and len(found) >= count and found)
 
 
+def wait_for_script(chrome, script: str, *args, timeout: float = 60):
+    """Poll a JavaScript predicate: an <img> is in the page before its bytes have arrived and decoded."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(chrome, timeout).until(lambda d: d.execute_script(script, *args))
+
+
 def click_text(chrome, tag: str, text: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -213,7 +220,8 @@ def test_browser_generates_a_digit_and_reconstructs_a_wav(browser, streamlit_url
     browser.get(streamlit_url)
     click_text(browser, "[data-testid='stForm'] button", "Generate")
     images = wait_for(browser, "[data-testid='stImage'] img", count=2)
-    assert all(image.get_attribute("naturalWidth") != "0" for image in images)  # decoded, not a broken icon
+    settled = wait_for_script(browser, "return arguments[0].every(image => image.complete)", images)
+    assert settled and all(image.get_property("naturalWidth") > 0 for image in images)  # decoded, not broken
 
     click_text(browser, "[data-testid='stTab']", "Audio")
     clip = tmp_path / "tone.wav"
