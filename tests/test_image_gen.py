@@ -3,7 +3,11 @@
 import hashlib
 import json
 import math
+import os
+import pickle
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +32,17 @@ def assert_usage_error(result, *fragments: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+def main_error(capsys, *argv: str) -> str:
+    """image_gen.main in this process (no interpreter start-up) on bad input: assert_usage_error's rule."""
+    with pytest.raises(SystemExit) as exit_info:
+        image_gen.main(list(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
 
 
 @pytest.fixture(scope="session")
@@ -254,6 +269,11 @@ def test_in_memory_surface_draws_the_pixels_infer_writes(trained, tmp_path):
     ({"steps": 0}, "steps"),
     ({"eta": -1.0}, "eta"),
     ({"guidance_scale": float("nan")}, "guidance_scale"),
+    ({"num_samples": 10**9}, "num_samples must be a whole number between 1 and 1,000"),
+    ({"steps": 2.5}, "steps must be a whole number"),
+    ({"eta": 2.0}, "eta must be a finite number between 0 and 1"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be a finite number between 0 and 20"),
+    ({"seed": -1}, "seed"),
 ])
 def test_in_memory_surface_refuses_bad_arguments(trained, kwargs, fragment):
     generator = image_gen.load_image_generator(trained / "model.pt", device="cpu")
@@ -449,6 +469,193 @@ def test_bad_settings_are_rejected(args, fragment, tmp_path):
                         "--results_dir", str(tmp_path))
     assert_usage_error(result, fragment)
     assert not (tmp_path / "model.pt").exists()
+
+
+# Every numeric flag against its LIMITS entry: not finite, out of its meaningful range, or absurdly costly.
+# "--device not-a-device" follows each: a value let through by mistake stops there, before any work.
+@pytest.mark.parametrize("args,fragment", [
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
+    (["--learning_rate", "0"], "--learning_rate must be a finite number > 0"),
+    (["--learning_rate=-1e-3"], "--learning_rate must be a finite number > 0"),
+    (["--model", "gan", "--d_learning_rate", "inf"], "--d_learning_rate must be a finite number > 0, got inf"),
+    (["--ema_decay", "1"], "--ema_decay must be a finite number >= 0 and < 1"),
+    (["--ema_decay", "nan"], "--ema_decay must be a finite number"),
+    (["--label_dropout", "1.5"], "--label_dropout must be a finite number between 0 and 1"),
+    (["--label_dropout", "-0.1"], "--label_dropout"),
+    (["--mode", "infer", "--sampler", "ddim", "--eta", "2"], "--eta must be a finite number between 0 and 1"),
+    (["--mode", "infer", "--eta", "nan"], "--eta"),
+    (["--mode", "infer", "--guidance_scale", "-1"], "--guidance_scale must be a finite number between 0 and 20"),
+    (["--mode", "infer", "--guidance_scale", "inf"], "--guidance_scale"),
+    (["--mode", "infer", "--num_samples", "1000000000"], "--num_samples must be a whole number between 1 and 1,000 "
+                                                         "(the grid, the animation and the PNGs are drawn as one batch)"),
+    (["--mode", "infer", "--num_samples", "0"], "--num_samples"),
+    (["--fid_samples", "1000000000"], "--fid_samples must be a whole number between 0 and 50,000 (FID-50k"),
+    (["--fid_samples", "-1"], "--fid_samples"),
+    (["--fid_samples", "1"], "a covariance needs two images"),
+    (["--fid_reference_size", "1"], "--fid_reference_size must be a whole number between 2 and 10,000"),
+    (["--fid_reference_size", "60000"], "the MNIST test set has 10,000 images"),
+    (["--sample_steps", "0"], "--sample_steps"),
+    (["--sample_steps", "1000000000000"], "--sample_steps must be a whole number between 1 and 10,000"),
+    (["--timesteps", "0"], "--timesteps"),
+    (["--timesteps", "1000000000"], "--timesteps must be a whole number between 1 and 10,000"),
+    (["--epochs", "1000000000"], "--epochs must be a whole number between 1 and 10,000"),
+    (["--batch_size", "1000000000"], "--batch_size must be a whole number between 1 and 4,096"),
+    (["--base_channels", "4"], "--base_channels must be a whole number between 8 and 512"),
+    (["--base_channels", "1000000"], "--base_channels"),
+    (["--base_channels", "12"], "multiple of 8"),
+    (["--model", "gan", "--latent_dim", "0"], "--latent_dim must be a whole number between 1 and 1,024"),
+    (["--warmup_steps", "-1"], "--warmup_steps must be a whole number between 0 and 10,000,000"),
+    (["--subset", "0"], "--subset"),
+    (["--subset", "1000000"], "MNIST has 60,000 training images"),
+    (["--mode", "infer", "--digit", "-1"], "--digit must be a whole number between 0 and 9"),
+    (["--seed", "-1"], "--seed must be a whole number between 0 and 4,294,967,295"),
+    (["--seed", str(2**32)], "--seed"),
+    (["--epochs", "1.5"], "invalid int value"),
+    (["--eta", "lots"], "invalid float value"),
+])
+def test_every_numeric_flag_is_checked_against_its_range(args, fragment, tmp_path, capsys):
+    line = main_error(capsys, *args, "--checkpoint", str(tmp_path / "model.pt"),
+                      "--results_dir", str(tmp_path / "results"), "--device", "not-a-device")
+    assert fragment in line
+    assert list(tmp_path.iterdir()) == []  # nothing written, no folder made
+
+
+def test_the_reported_commands_end_in_one_line_not_a_traceback(tmp_path):
+    """#18's two examples, run as a user would: a NaN learning rate, and a results folder that is a file."""
+    result = run_script("image_gen.py", "--mode", "train", "--learning_rate", "nan",
+                        "--checkpoint", str(tmp_path / "model.pt"), "--results_dir", str(tmp_path / "results"))
+    assert_usage_error(result, "--learning_rate must be a finite number > 0, got nan")
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("kept")
+    assert_usage_error(run_script("image_gen.py", "--mode", "infer", "--results_dir", str(a_file)),
+                       f"--results_dir {a_file} is a file, not a folder")
+    assert a_file.read_text() == "kept" and not (tmp_path / "model.pt").exists()
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder this process cannot create files in: a read-only one, or /proc for root, who writes anywhere else."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    yield folder if os.geteuid() != 0 else Path("/proc")
+    folder.chmod(0o755)  # so that pytest can remove it
+
+
+@pytest.mark.parametrize("case", ["results_is_a_file", "results_below_a_file", "samples_is_a_file",
+                                  "results_unwritable", "train_checkpoint_is_a_folder", "train_checkpoint_unwritable",
+                                  "infer_checkpoint_is_a_folder", "infer_checkpoint_missing"])
+def test_paths_are_checked_for_what_they_must_be(case, tmp_path, unwritable_dir, capsys):
+    """Each path is refused in one line before any work, and what was there before is left as it was."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "samples").write_text("kept")
+    (tmp_path / "folder.pt").mkdir()
+    argv, fragment = {
+        "results_is_a_file": (["--mode", "infer", "--results_dir", a_file], f"--results_dir {a_file} is a file"),
+        "results_below_a_file": (["--results_dir", a_file / "out"], f": {a_file} is a file, not a folder"),
+        "samples_is_a_file": (["--mode", "infer", "--results_dir", tmp_path / "results"],
+                              f"{tmp_path / 'results' / 'samples'} is a file, not a folder"),
+        "results_unwritable": (["--results_dir", unwritable_dir / "results"], f"cannot write in {unwritable_dir}"),
+        "train_checkpoint_is_a_folder": (["--checkpoint", tmp_path / "folder.pt"], "is a folder; name the file"),
+        "train_checkpoint_unwritable": (["--checkpoint", unwritable_dir / "models" / "model.pt"],
+                                        f"--checkpoint {unwritable_dir / 'models' / 'model.pt'}: cannot write in"),
+        "infer_checkpoint_is_a_folder": (["--mode", "infer", "--checkpoint", tmp_path / "folder.pt"],
+                                         f"checkpoint {tmp_path / 'folder.pt'} is a folder, not a file"),
+        "infer_checkpoint_missing": (["--mode", "infer", "--checkpoint", tmp_path / "nope.pt"], "does not exist"),
+    }[case]
+    argv = [str(arg) for arg in argv]
+    if "--results_dir" not in argv:
+        argv += ["--results_dir", str(tmp_path / "out")]
+    if "--checkpoint" not in argv:
+        argv += ["--checkpoint", str(tmp_path / "model.pt")]
+    before = sorted(tmp_path.rglob("*"))
+    assert fragment in main_error(capsys, *argv, "--num_samples", "1", "--sampler", "ddim", "--sample_steps", "1")
+    assert sorted(tmp_path.rglob("*")) == before
+    assert a_file.read_text() == "kept" and (tmp_path / "results" / "samples").read_text() == "kept"
+
+
+class PlantedCode:
+    """Unpickling this calls open(marker, "w"): a stand-in for a checkpoint that runs code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def hostile_checkpoint(case: str, folder: Path) -> Path:
+    """A checkpoint file image_gen.py must refuse, built from the shipped models (or audio_gen.py's)."""
+    pretrained = image_gen.PRETRAINED_DIR
+    path = folder / f"{case}.pt"
+    if case == "truncated":
+        data = (pretrained / "diffusion_model.pt").read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case in ("audio", "gan"):
+        shutil.copy(pretrained / ("audio_autoencoder.pt" if case == "audio" else "gan_model.pt"), path)
+    elif case in ("future_format", "huge_config"):
+        state = torch.load(pretrained / "diffusion_model.pt", weights_only=True)
+        if case == "future_format":
+            state["format_version"] += 1
+        else:
+            state["config"]["base_channels"] = 10**9
+        torch.save(state, path)
+    elif case == "planted_code":
+        torch.save({"kind": "image_diffusion", "format_version": 2, "config": PlantedCode(folder / "ran")}, path)
+    elif case == "planted_code_plain_pickle":
+        path.write_bytes(pickle.dumps({"kind": "image_diffusion", "config": PlantedCode(folder / "ran")}))
+    return path
+
+
+@pytest.mark.parametrize("mode", [["--mode", "infer"], ["--mode", "train", "--resume"]])
+@pytest.mark.parametrize("case,fragment", [
+    ("truncated", "is not a readable weights-only PyTorch checkpoint (RuntimeError)"),
+    ("empty", "is not a readable weights-only PyTorch checkpoint"),
+    ("audio", "is not an image_gen.py checkpoint (its kind is 'audio_autoencoder')"),
+    ("gan", "holds a gan model, not a diffusion one; pass --model gan"),
+    ("future_format", "has format 3 (from a newer image_gen.py), this script reads format 2"),
+    ("huge_config", "config base_channels must be a whole number between 8 and 512"),
+    ("planted_code", "nothing in it was run"),
+    ("planted_code_plain_pickle", "nothing in it was run"),
+])
+def test_hostile_checkpoints_are_refused_and_left_alone(case, fragment, mode, tmp_path, capsys):
+    """Refused in one line, before anything is written; the file is byte for byte as it was; no code ran."""
+    path = hostile_checkpoint(case, tmp_path)
+    before = digest(path)
+    line = main_error(capsys, *mode, "--checkpoint", str(path), "--results_dir", str(tmp_path / "results"),
+                      "--num_samples", "1", "--sampler", "ddim", "--sample_steps", "1", "--epochs", "1",
+                      "--subset", "64", "--fid_samples", "0")
+    assert fragment in line
+    assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no marker file, no results folder
+
+
+def test_diffusion_checkpoint_for_the_gan_is_refused_and_left_alone(tmp_path, capsys):
+    path = tmp_path / "diffusion_model.pt"
+    shutil.copy(image_gen.PRETRAINED_DIR / "diffusion_model.pt", path)
+    before = digest(path)
+    line = main_error(capsys, "--mode", "infer", "--model", "gan", "--checkpoint", str(path), "--num_samples", "1",
+                      "--results_dir", str(tmp_path / "results"))
+    assert "holds a diffusion model, not a gan one; pass --model diffusion" in line
+    assert digest(path) == before and not (tmp_path / "results").exists()
+
+
+def test_help_is_a_reference_with_every_default_and_range(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        image_gen.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+    for group in ("what to run, and where:", "model and noise schedule", "training:", "sampling:", "evaluation:"):
+        assert group in text
+    for name, bounds in image_gen.LIMITS.items():
+        assert f"--{name} {name.upper()}" in text and bounds.describe() in text, name
+    assert "--eta ETA DDIM noise: 0 deterministic, 1 DDPM-like (default: 0.0; between 0 and 1)" in text
+    assert "--learning_rate LEARNING_RATE peak learning rate (default: 1e-3," in text
+    assert "(default: None)" not in text and "exit status 2" in text
 
 
 def test_bad_checkpoints_are_rejected(tmp_path):
