@@ -63,6 +63,9 @@ FORMAT_VERSIONS = {"diffusion": 2, "gan": 1}  # diffusion 2: scale-and-shift tim
 PRETRAINED_DIR = Path(__file__).resolve().parent / "models" / "pretrained"  # {model}_model.pt, weights only
 SAMPLERS = {"diffusion": ("ddpm", "ddim", "dpmpp"),  # DDPM's ancestral steps, DDIM, DPM-Solver++(2M)
             "gan": ("gan",)}  # one forward pass of the generator
+# What a checkpoint's config may hold besides the numbers in LIMITS; --schedule and --prediction offer the same
+CONFIG_CHOICES = {"schedule": ("linear", "cosine"), "prediction": ("eps", "v", "x0"),
+                  **{name: (True, False) for name in ("attention", "class_conditional", "self_condition")}}
 DEFAULT_STEPS = 50  # DDIM and DPM-Solver++ steps
 # Classifier-free guidance scale w. At w = 1 (plain conditional) the shipped model's DDIM-50 samples were
 # read as the digit asked for 95.8 % of the time, 88 % for a 2 (docs/image.md); w = 2 draws the digit asked for.
@@ -166,6 +169,10 @@ def check_readable_file(path: Path, what: str, missing_hint: str = "") -> None:
         raise UsageError(f"{what} {path} cannot be read ({error.strerror or error})") from None
 
 
+RESULT_FILES = ("training_loss.png", "final_samples.png", "denoising.gif", "latent_interpolation.gif",
+                "image_metrics.json", "infer_fid.json", "epoch_comparisons/metrics_comparison.png")
+
+
 def check_paths(args: argparse.Namespace) -> None:
     """Outputs must be writable folders, and training's checkpoint a file in one, before any compute.
 
@@ -174,6 +181,9 @@ def check_paths(args: argparse.Namespace) -> None:
     results = Path(args.results_dir)
     for folder in ("samples", "epoch_comparisons"):  # the subfolders written into; checks results itself too
         check_writable_dir(results / folder, "--results_dir", results)
+    for name in RESULT_FILES:
+        if os.path.isdir(results / name):
+            raise UsageError(f"--results_dir {results}: {results / name} is a folder, where a file is written")
     if args.mode == "train":
         checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.model)
         if os.path.isdir(checkpoint):
@@ -205,9 +215,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--class_conditional", action=argparse.BooleanOptionalAction, default=True,
                    help="condition on the digit label (10 classes + a null label for guidance)")
     g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
-    g.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
+    g.add_argument("--schedule", choices=CONFIG_CHOICES["schedule"], default="linear",
                    help="beta schedule: linear 1e-4..0.02 (Ho et al.) or cosine (Nichol & Dhariwal)")
-    g.add_argument("--prediction", choices=["eps", "v", "x0"], default="eps",
+    g.add_argument("--prediction", choices=CONFIG_CHOICES["prediction"], default="eps",
                    help="what the U-Net predicts: the noise eps (Ho et al.), v = sqrt(a) eps - sqrt(1-a) x_0 "
                         "(Salimans & Ho 2022) or the clean digit x_0")
     g.add_argument("--self_condition", action=argparse.BooleanOptionalAction, default=False,
@@ -1084,6 +1094,9 @@ def load_checkpoint(path: Path, model: str = "diffusion") -> dict:
     for name, value in state["config"].items():
         if name in LIMITS:
             check_number(name, value, f"checkpoint {path}: config {name}")
+        elif name in CONFIG_CHOICES and value not in CONFIG_CHOICES[name]:
+            raise UsageError(f"checkpoint {path}: config {name} is {value!r}, not one of "
+                             f"{', '.join(map(str, CONFIG_CHOICES[name]))}")
     return state
 
 
@@ -1294,7 +1307,10 @@ class FIDEvaluator:
                     self.update(batch.unsqueeze(1), real=True)
                 stats = {name: getattr(self.metric, name) for name in
                          ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")}
-                atomic_write(cache, lambda tmp: torch.save({k: v.cpu() for k, v in stats.items()}, tmp))
+                try:
+                    atomic_write(cache, lambda tmp: torch.save({k: v.cpu() for k, v in stats.items()}, tmp))
+                except OSError:  # a read-only --data_dir (a shared copy of MNIST): computed again next time
+                    pass
             for name, value in stats.items():
                 setattr(self.metric, name, value.to(device))
 
@@ -1443,8 +1459,10 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     state = load_checkpoint(path, args.model) if args.resume else None
     if state is not None and "optimizer" not in state:
         raise UsageError(f"checkpoint {path} holds weights only (no optimizer state) and cannot be resumed")
-    if state is not None and not isinstance(state.get("epoch"), int):
-        raise UsageError(f"checkpoint {path} does not say how many epochs it has trained, so it cannot be resumed")
+    if state is not None and not (isinstance(state.get("epoch"), int) and isinstance(state.get("step"), int)
+                                  and isinstance(state.get("history"), dict)
+                                  and all(isinstance(state["history"].get(k), list) for k in ("epochs", "step_loss"))):
+        raise UsageError(f"checkpoint {path} has no usable epoch, step and history, so it cannot be resumed")
     config = state["config"] if state else model_config(args)
     if state and args.epochs <= state["epoch"]:
         raise UsageError(f"checkpoint {path} already has {state['epoch']} epochs; pass --epochs above that to resume")

@@ -544,7 +544,8 @@ def unwritable_dir(tmp_path):
 
 @pytest.mark.parametrize("case", ["results_is_a_file", "results_below_a_file", "samples_is_a_file",
                                   "results_unwritable", "train_checkpoint_is_a_folder", "train_checkpoint_unwritable",
-                                  "infer_checkpoint_is_a_folder", "infer_checkpoint_missing"])
+                                  "infer_checkpoint_is_a_folder", "infer_checkpoint_missing",
+                                  "result_file_is_a_folder"])
 def test_paths_are_checked_for_what_they_must_be(case, tmp_path, unwritable_dir, capsys):
     """Each path is refused in one line before any work, and what was there before is left as it was."""
     a_file = tmp_path / "notes.txt"
@@ -552,6 +553,7 @@ def test_paths_are_checked_for_what_they_must_be(case, tmp_path, unwritable_dir,
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "samples").write_text("kept")
     (tmp_path / "folder.pt").mkdir()
+    (tmp_path / "grids" / "final_samples.png").mkdir(parents=True)
     argv, fragment = {
         "results_is_a_file": (["--mode", "infer", "--results_dir", a_file], f"--results_dir {a_file} is a file"),
         "results_below_a_file": (["--results_dir", a_file / "out"], f": {a_file} is a file, not a folder"),
@@ -564,6 +566,8 @@ def test_paths_are_checked_for_what_they_must_be(case, tmp_path, unwritable_dir,
         "infer_checkpoint_is_a_folder": (["--mode", "infer", "--checkpoint", tmp_path / "folder.pt"],
                                          f"checkpoint {tmp_path / 'folder.pt'} is a folder, not a file"),
         "infer_checkpoint_missing": (["--mode", "infer", "--checkpoint", tmp_path / "nope.pt"], "does not exist"),
+        "result_file_is_a_folder": (["--results_dir", tmp_path / "grids"],
+                                    f"{tmp_path / 'grids' / 'final_samples.png'} is a folder, where a file is written"),
     }[case]
     argv = [str(arg) for arg in argv]
     if "--results_dir" not in argv:
@@ -597,12 +601,14 @@ def hostile_checkpoint(case: str, folder: Path) -> Path:
         path.write_bytes(b"")
     elif case in ("audio", "gan"):
         shutil.copy(pretrained / ("audio_autoencoder.pt" if case == "audio" else "gan_model.pt"), path)
-    elif case in ("future_format", "huge_config"):
+    elif case in ("future_format", "huge_config", "unknown_prediction"):
         state = torch.load(pretrained / "diffusion_model.pt", weights_only=True)
         if case == "future_format":
             state["format_version"] += 1
-        else:
+        elif case == "huge_config":
             state["config"]["base_channels"] = 10**9
+        else:
+            state["config"]["prediction"] = "score"
         torch.save(state, path)
     elif case == "planted_code":
         torch.save({"kind": "image_diffusion", "format_version": 2, "config": PlantedCode(folder / "ran")}, path)
@@ -619,6 +625,7 @@ def hostile_checkpoint(case: str, folder: Path) -> Path:
     ("gan", "holds a gan model, not a diffusion one; pass --model gan"),
     ("future_format", "has format 3 (from a newer image_gen.py), this script reads format 2"),
     ("huge_config", "config base_channels must be a whole number between 8 and 512"),
+    ("unknown_prediction", "config prediction is 'score', not one of eps, v, x0"),
     ("planted_code", "nothing in it was run"),
     ("planted_code_plain_pickle", "nothing in it was run"),
 ])
@@ -632,6 +639,36 @@ def test_hostile_checkpoints_are_refused_and_left_alone(case, fragment, mode, tm
     assert fragment in line
     assert digest(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no marker file, no results folder
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({}, "holds weights only (no optimizer state)"),  # the shipped model as it is
+    ({"optimizer": {}, "epoch": "many"}, "has no usable epoch, step and history"),
+    ({"optimizer": {}, "history": []}, "has no usable epoch, step and history"),
+])
+def test_resume_refuses_a_checkpoint_without_its_training_state(change, fragment, tmp_path, capsys):
+    state = torch.load(image_gen.PRETRAINED_DIR / "diffusion_model.pt", weights_only=True)
+    path = tmp_path / "model.pt"
+    torch.save({**state, **change}, path)
+    before = digest(path)
+    line = main_error(capsys, "--mode", "train", "--resume", "--checkpoint", str(path),
+                      "--results_dir", str(tmp_path / "results"), "--epochs", "1", "--subset", "64", "--fid_samples", "0")
+    assert fragment in line
+    assert digest(path) == before and not (tmp_path / "results").exists()
+
+
+def test_fid_reference_in_a_read_only_data_dir_is_computed_but_not_cached(mnist_dir, tmp_path, monkeypatch):
+    """A shared, read-only copy of MNIST still works: the reference statistics stay in memory, not on disk."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(mnist_dir / "MNIST", data_dir / "MNIST")
+
+    def read_only(path, write):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(image_gen, "atomic_write", read_only)
+    evaluator = image_gen.FIDEvaluator(str(data_dir), 4, torch.device("cpu"))
+    assert evaluator.metric.real_features_num_samples == 4
+    assert not list(data_dir.glob("fid_reference_*"))
 
 
 def test_diffusion_checkpoint_for_the_gan_is_refused_and_left_alone(tmp_path, capsys):
