@@ -1456,6 +1456,11 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.model)
     if is_pretrained(path):
         raise UsageError(f"{path} is a shipped pretrained model; train into another --checkpoint")
+    if not args.resume and os.path.exists(path):  # replacing a run of this model is fine; anything else is lost
+        try:
+            load_checkpoint(path, args.model)
+        except UsageError as error:
+            raise UsageError(f"training would overwrite --checkpoint {path}, so choose another path: {error}") from None
     state = load_checkpoint(path, args.model) if args.resume else None
     if state is not None and "optimizer" not in state:
         raise UsageError(f"checkpoint {path} holds weights only (no optimizer state) and cannot be resumed")

@@ -671,6 +671,19 @@ def test_fid_reference_in_a_read_only_data_dir_is_computed_but_not_cached(mnist_
     assert not list(data_dir.glob("fid_reference_*"))
 
 
+@pytest.mark.parametrize("case,fragment", [("audio", "is not an image_gen.py checkpoint (its kind is 'audio_autoencoder')"),
+                                           ("gan", "holds a gan model"), ("truncated", "not a readable")])
+def test_training_does_not_overwrite_a_file_that_is_not_its_checkpoint(case, fragment, tmp_path, capsys):
+    """Without --resume, training replaces a checkpoint of its own model, but nothing else that is in the way."""
+    path = hostile_checkpoint(case, tmp_path)
+    before = digest(path)
+    line = main_error(capsys, "--mode", "train", "--checkpoint", str(path), "--results_dir", str(tmp_path / "results"),
+                      "--epochs", "1", "--subset", "64", "--fid_samples", "0")
+    assert f"training would overwrite --checkpoint {path}, so choose another path: checkpoint {path}" in line
+    assert fragment in line
+    assert digest(path) == before and not (tmp_path / "results").exists()
+
+
 def test_diffusion_checkpoint_for_the_gan_is_refused_and_left_alone(tmp_path, capsys):
     path = tmp_path / "diffusion_model.pt"
     shutil.copy(image_gen.PRETRAINED_DIR / "diffusion_model.pt", path)
