@@ -34,6 +34,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, NamedTuple
 
@@ -70,8 +71,12 @@ SILENCE_PEAK = 1e-4
 TARGET_RMS = 0.05  # every clip is scaled to this RMS before its mel, and the level restored after the inverse
 MIN_RMS = 1e-5  # ... but never amplified by more than TARGET_RMS / MIN_RMS (74 dB)
 FORMAT_VERSION = 4  # 2: residual autoencoder, per-step schedule; 3: + linear patch path (PCA-initialised); 4: + per-clip level
-DEFAULT_CHECKPOINT = Path("models/audio_autoencoder.pt")
-PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "pretrained" / "audio_autoencoder.pt"  # found from any cwd
+CHECKPOINT_NAMES = {"ae": "audio_autoencoder.pt", "vae": "audio_vae.pt"}  # under models/, and the shipped ones under models/pretrained/
+PRETRAINED_DIR = Path(__file__).resolve().parent / "models" / "pretrained"  # found from any cwd
+DEFAULT_CHECKPOINT = Path("models") / CHECKPOINT_NAMES["ae"]
+PRETRAINED_CHECKPOINT = PRETRAINED_DIR / CHECKPOINT_NAMES["ae"]
+LATENT_FRAMES_PER_SECOND = SAMPLE_RATE / HOP / TIME_STRIDE  # 3.19: one latent frame per 16 mel frames
+ACTIVE_KL_NATS = 0.01  # a latent channel whose held-out KL is above this (nats per latent frame) carries information
 MUSDB_STEMS = ("vocals", "drums", "bass", "other", "mixture")
 STEMS = ("harmonic", *MUSDB_STEMS)  # harmonic = the original generator (440 Hz and its harmonics)
 DEFAULT_CORPUS_MIX = "speech=0.45,music=0.35,synthetic=0.2"  # the shipped model's draws
@@ -82,17 +87,28 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".op
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     run = p.add_argument_group("run")
-    run.add_argument("--mode", choices=["train", "infer", "corpus"], default="train",
-                     help="train the autoencoder, reconstruct audio with it, or render the speech + music corpus")
+    run.add_argument("--mode", choices=["train", "infer", "sample", "interpolate", "corpus"], default="train",
+                     help="train a model, reconstruct audio with it, draw new clips from a VAE's prior (sample), walk\n"
+                          "between two files in a VAE's latent space (interpolate), or render the speech + music corpus")
+    run.add_argument("--model", choices=list(CHECKPOINT_NAMES), default=None,
+                     help="train: ae (autoencoder, the default) or vae (variational: also samples and interpolates);\n"
+                          "infer/sample/interpolate read it from the checkpoint and use it only to pick the default one")
     run.add_argument("--checkpoint", default=None,
-                     help=f"checkpoint path (default {DEFAULT_CHECKPOINT}; infer falls back to {PRETRAINED_CHECKPOINT} if that is absent)")
+                     help="checkpoint path (default models/audio_autoencoder.pt, or models/audio_vae.pt for a VAE;\n"
+                          "infer, sample and interpolate fall back to the shipped one in models/pretrained/ if that is absent)")
     run.add_argument("--resume", action="store_true", help="train: continue from --checkpoint (weights, optimizer, epoch, history)")
-    run.add_argument("--input", default=None, help="infer: reconstruct this audio file (any length, sample rate, channels)")
+    run.add_argument("--init_from", default=None,
+                     help="train: start from this checkpoint's weights and normalisation (e.g. a VAE from the shipped\n"
+                          "autoencoder); its n_mels, latent_dim and hidden_channels are used")
+    run.add_argument("--input", default=None,
+                     help="infer: reconstruct this audio file (any length, sample rate, channels); interpolate: the start")
+    run.add_argument("--input_b", default=None, help="interpolate: the end of the walk")
     run.add_argument("--results_dir", default="results", help="where plots, wavs and audio_metrics.json go")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     run.add_argument("--seed", type=int, default=0, help="seeds data generation, splits, initialisation and Griffin-Lim")
     data = p.add_argument_group("data")
-    data.add_argument("--num_samples", type=int, default=100, help="synthetic clips (5 s each), 10%% held out for validation")
+    data.add_argument("--num_samples", type=int, default=None,
+                      help="train: synthetic clips (5 s each, 10%% held out; default 100); sample: clips to draw (default 4)")
     data.add_argument("--stem", choices=STEMS, default="mixture",
                       help="synthetic source, or the MUSDB18-HQ stem with --musdb_root (harmonic = original 440 Hz generator)")
     data.add_argument("--audio_dir", default=None, help="train on every readable audio file below this folder, cut into 5-s segments")
@@ -107,6 +123,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--n_mels", type=int, default=128, help="mel bins = Conv1d input channels")
     model.add_argument("--latent_dim", type=int, default=64, help="latent channels per latent frame (one latent frame per 16 mel frames)")
     model.add_argument("--hidden_channels", type=int, default=192, help="channels of every layer between the mel bins and the latent")
+    model.add_argument("--kl_weight", type=float, default=0.01,
+                       help="vae: beta, the weight of the KL (nats per latent frame, divided by the 2,048 mel values a\n"
+                            "latent frame codes) against the mel MSE")
+    model.add_argument("--kl_warmup_steps", type=int, default=1000, help="vae: beta grows linearly from 0 over this many steps")
+    model.add_argument("--free_bits", type=float, default=0.0,
+                       help="vae: KL floor per latent channel (nats per latent frame) below which it is not penalised")
+    model.add_argument("--prior_components", type=int, default=16,
+                       help="vae: components of the learned prior fitted after training (0: none, only N(0, I))")
     optim = p.add_argument_group("training")
     optim.add_argument("--epochs", type=int, default=30, help="total epochs (with --resume: the total to reach)")
     optim.add_argument("--batch_size", type=int, default=32, help="clips per batch (per process under torchrun)")
@@ -117,6 +141,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recon.add_argument("--inverse", choices=["nnls", "torchaudio"], default="nnls",
                        help="mel -> linear step: non-negative least squares (multiplicative updates) or torchaudio InverseMelScale")
     recon.add_argument("--eval_clips", type=int, default=8, help="held-out clips taken through Griffin-Lim for waveform metrics")
+    gen = p.add_argument_group("generation (VAE)")
+    gen.add_argument("--seconds", type=float, default=5.0, help="sample: length of each clip; interpolate: of each step")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sample: T scales the prior's spread (z ~ N(0, T^2 I))")
+    gen.add_argument("--prior", choices=["mixture", "standard"], default=None,
+                     help="sample: the learned clip mixture (default, where the checkpoint has one) or N(0, I)")
+    gen.add_argument("--steps", type=int, default=6, help="interpolate: steps from --input (step 0) to --input_b (step K)")
     p.error = _usage_error  # bad flags become one "error:" line and exit 2, like every other bad input
     cfg = p.parse_args(argv)
     validate(cfg)
@@ -144,29 +174,100 @@ def _usage_error(message: str) -> None:
     raise UsageError(message)
 
 
+class Range(NamedTuple):
+    low: float
+    high: float
+    low_open: bool = False  # True: the value must be above low, not equal to it
+
+    def check(self, name: str, value: float) -> None:
+        if not (math.isfinite(value) and (value > self.low if self.low_open else value >= self.low) and value <= self.high):
+            bounds = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+            raise UsageError(f"--{name} must be a finite number in {bounds}, got {value}")
+
+
+# Every number a user types, with the range where it means something and whose cost stays sane on one machine.
+FLAG_RANGES = {
+    "epochs": Range(1, 10_000), "batch_size": Range(1, 4096), "num_samples": Range(1, 100_000),
+    "n_mels": Range(16, 512), "latent_dim": Range(1, 1024), "hidden_channels": Range(1, 4096),
+    "griffin_lim_iters": Range(1, 1000), "eval_clips": Range(1, 1000), "seed": Range(0, 2**32 - 1),
+    "corpus_minutes": Range(0, 6000, low_open=True),  # 100 hours per source
+    "learning_rate": Range(0, 1, low_open=True), "weight_decay": Range(0, 10),
+    "kl_weight": Range(0, 100), "kl_warmup_steps": Range(0, 10**7), "free_bits": Range(0, 100),
+    "prior_components": Range(0, 256),
+    "seconds": Range(MIN_INPUT_SECONDS, 600), "temperature": Range(0, 10), "steps": Range(1, 100),
+}
+SAMPLE_SECONDS_LIMIT = 3600  # --mode sample: num_samples x seconds above an hour of audio is refused
+
+
 def validate(cfg: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "num_samples", "n_mels", "latent_dim", "hidden_channels", "griffin_lim_iters", "eval_clips"):
-        if getattr(cfg, name) <= 0:
-            raise UsageError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.num_samples < 2:
+    """Check every flag before anything runs: bad input is one line and exit 2, never a traceback mid-run."""
+    if cfg.num_samples is None:
+        cfg.num_samples = 4 if cfg.mode == "sample" else 100
+    for name, bounds in FLAG_RANGES.items():
+        bounds.check(name, getattr(cfg, name))
+    if cfg.mode == "train" and not (cfg.audio_dir or cfg.musdb_root or cfg.corpus_dir) and cfg.num_samples < 2:
         raise UsageError("--num_samples must be at least 2 (one clip is held out for validation)")
-    if not cfg.learning_rate > 0:
-        raise UsageError(f"--learning_rate must be positive, got {cfg.learning_rate}")
-    if not cfg.weight_decay >= 0:
-        raise UsageError(f"--weight_decay must be zero or positive, got {cfg.weight_decay}")
+    if cfg.mode == "sample" and cfg.num_samples * cfg.seconds > SAMPLE_SECONDS_LIMIT:
+        raise UsageError(f"--num_samples {cfg.num_samples} x --seconds {cfg.seconds:g} asks for more than "
+                         f"{SAMPLE_SECONDS_LIMIT} s of audio; draw it in several runs")
     if sum(bool(x) for x in (cfg.audio_dir, cfg.musdb_root, cfg.corpus_dir if cfg.mode == "train" else None)) > 1:
         raise UsageError("give one of --audio_dir, --musdb_root and --corpus_dir, not several")
     if cfg.mode == "corpus" and not cfg.corpus_dir:
         raise UsageError("--mode corpus needs --corpus_dir, the folder to render the corpus into")
-    if not (math.isfinite(cfg.corpus_minutes) and 0 < cfg.corpus_minutes <= 6000):
-        raise UsageError(f"--corpus_minutes must be in (0, 6000] (100 hours per source), got {cfg.corpus_minutes}")
     cfg.corpus_mix = parse_corpus_mix(cfg.corpus_mix)
     if cfg.musdb_root and cfg.stem == "harmonic":
         raise UsageError(f"--stem harmonic is synthetic only; with --musdb_root use one of {', '.join(MUSDB_STEMS)}")
     if cfg.resume and cfg.mode != "train":
         raise UsageError("--resume applies to --mode train only")
-    if cfg.input and cfg.mode != "infer":
-        raise UsageError("--input applies to --mode infer only")
+    if cfg.resume and cfg.init_from:
+        raise UsageError("give --resume (continue a run) or --init_from (start a new one from its weights), not both")
+    if cfg.init_from and cfg.mode != "train":
+        raise UsageError("--init_from applies to --mode train only")
+    if cfg.input and cfg.mode not in ("infer", "interpolate"):
+        raise UsageError("--input applies to --mode infer and --mode interpolate only")
+    if cfg.mode == "interpolate" and not (cfg.input and cfg.input_b):
+        raise UsageError("--mode interpolate needs --input A and --input_b B, the two ends of the walk")
+    if cfg.input_b and cfg.mode != "interpolate":
+        raise UsageError("--input_b applies to --mode interpolate only")
+    for flag in ("input", "input_b", "init_from"):
+        if getattr(cfg, flag):
+            check_readable_file(getattr(cfg, flag), f"--{flag}")
+    if cfg.mode != "corpus":
+        check_writable_dir(cfg.results_dir, "--results_dir")
+    if cfg.mode == "corpus":
+        check_writable_dir(cfg.corpus_dir, "--corpus_dir")
+    elif cfg.mode == "train":
+        checkpoint = Path(cfg.checkpoint or Path("models") / CHECKPOINT_NAMES[cfg.model or "ae"])
+        if checkpoint.is_dir():
+            raise UsageError(f"--checkpoint {checkpoint} is a folder; name the checkpoint file to write")
+        check_writable_dir(checkpoint.parent, "--checkpoint's folder")
+    elif cfg.checkpoint and Path(cfg.checkpoint).is_dir():
+        raise UsageError(f"--checkpoint {cfg.checkpoint} is a folder, not a checkpoint file")
+
+
+def check_readable_file(path: str | Path, flag: str) -> None:
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder, not a file")
+    if not path.is_file():
+        raise UsageError(f"{flag} {path} does not exist")
+    try:
+        path.open("rb").close()
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be read ({e.strerror})") from None
+
+
+def check_writable_dir(path: str | Path, flag: str) -> None:
+    """A folder that exists or can be created, and can be written: probed by writing, as permissions alone lie for
+    root and for read-only mounts. Nothing is created here; the first write makes the folder."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {existing} is not writable ({e.strerror})") from None
 
 
 # ----------------------------------------------------------------------------
@@ -777,10 +878,16 @@ class AudioAutoencoder(nn.Module):
         for layer in (self.encoder[-1], self.decoder[-1]):
             nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        z = self.encoder(mel) + self.patch_encoder(to_patches(mel)).transpose(1, 2)  # (B, n_mels, T) -> (B, latent_dim, T/16)
-        linear = from_patches(self.patch_decoder(z.transpose(1, 2)), mel.shape[1])  # (B, T/16, n_mels*16) -> (B, n_mels, T)
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.encoder(mel) + self.patch_encoder(to_patches(mel)).transpose(1, 2)  # (B, n_mels, T) -> (B, latent_dim, T/16)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        n_mels = self.patch_decoder.out_features // TIME_STRIDE
+        linear = from_patches(self.patch_decoder(z.transpose(1, 2)), n_mels)  # (B, T/16, n_mels*16) -> (B, n_mels, T)
         return self.decoder(z) + linear
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(mel))
 
     @torch.no_grad()
     def init_linear_path(self, mels: torch.Tensor) -> None:
@@ -796,6 +903,105 @@ class AudioAutoencoder(nn.Module):
         V = torch.linalg.eigh(cov).eigenvectors[:, -self.patch_encoder.out_features:].T  # (latent_dim, n_mels*16)
         self.patch_encoder.weight.copy_(V), self.patch_encoder.bias.copy_(-V @ mu)
         self.patch_decoder.weight.copy_(V.T), self.patch_decoder.bias.copy_(mu)
+
+
+class AudioVAE(AudioAutoencoder):
+    """The autoencoder with a diagonal Gaussian posterior q(z | x) = N(mean, exp(logvar)) per latent frame.
+
+    The mean is the autoencoder's latent (both paths); the log-variance comes from one more strided conv on the
+    encoder's T/8 features, beside its last layer. That conv starts at zero weights and bias -6 (sigma 0.05), so a VAE
+    started --init_from an autoencoder begins as that autoencoder, and the KL term then buys its noise.
+    forward gives the posterior-mean reconstruction, as the autoencoder's does, so every evaluation path is shared;
+    the training pass asks for sample=True.
+    """
+
+    def __init__(self, n_mels: int = 128, latent_dim: int = 64, hidden: int = 192):
+        super().__init__(n_mels, latent_dim, hidden)
+        self.logvar = nn.Conv1d(hidden, latent_dim, kernel_size=4, stride=2, padding=1)
+        nn.init.zeros_(self.logvar.weight), nn.init.constant_(self.logvar.bias, -6.0)
+
+    def posterior(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n_mels, T) -> mean and log-variance, each (B, latent_dim, T/16)."""
+        features = self.encoder[:-1](mel)  # (B, hidden, T/8)
+        mean = self.encoder[-1](features) + self.patch_encoder(to_patches(mel)).transpose(1, 2)
+        return mean, self.logvar(features).clamp(-20, 10)
+
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.posterior(mel)[0]
+
+    def forward(self, mel: torch.Tensor, sample: bool = False):
+        """sample=False: the posterior-mean reconstruction (B, n_mels, T). sample=True, the training pass: the
+        reconstruction from z ~ q(z | x) by the reparameterisation z = mean + sigma * eps, and the KL of q from
+        N(0, I) per latent value, (B, latent_dim, T/16) in nats."""
+        mean, logvar = self.posterior(mel)
+        if not sample:
+            return self.decode(mean)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        return self.decode(z), kl_divergence(mean, logvar)
+
+
+class ClipMixturePrior:
+    """A learned prior for the VAE's latents: a mixture of K full-covariance Gaussians over latent frames in which a whole
+    clip draws one component and each of its frames is drawn from it.
+
+    Fitted by EM on the posterior means of training clips, after training, as Ghosh et al. (2020) fit a Gaussian
+    mixture to an autoencoder's codes. One component per clip, not per frame: a frame-level mixture would let every
+    frame of a sample pick its own kind of sound (a vowel, then a snare, then a bass note), while a clip of the
+    corpus is one voice or one song. N(0, I) stays available (--prior standard) for comparison.
+    """
+
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor):
+        self.weights, self.means, self.scale_tril = weights, means, scale_tril  # (K,), (K, D), (K, D, D)
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, z: torch.Tensor, components: int, seed: int, iters: int = 40) -> "ClipMixturePrior":
+        """z (N, D, T): N clips of T latent frames. Started from K random clips' mean frames and the pooled covariance."""
+        x = z.transpose(1, 2).double().cpu()  # (N, T, D)
+        N, T, D = x.shape
+        components = min(components, N)
+        means = x[torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:components]].mean(1)  # (K, D)
+        ridge = 1e-4 * torch.eye(D, dtype=torch.float64)
+        covs = (torch.cov(x.reshape(-1, D).T) + ridge).expand(components, D, D).clone()
+        weights = torch.full((components,), 1.0 / components, dtype=torch.float64)
+        clip_sum, clip_outer = x.sum(1), torch.einsum("ntd,nte->nde", x, x)  # (N, D), (N, D, D): sufficient statistics
+        for _ in range(iters):
+            log_likelihood = cls._clip_log_likelihood(clip_sum, clip_outer, T, means, torch.linalg.cholesky(covs))
+            resp = torch.softmax(weights.log() + log_likelihood, dim=1)
+            count = resp.sum(0) + 1e-10  # (K,) clips per component
+            weights = count / N
+            means = resp.T @ clip_sum / (T * count[:, None])
+            covs = torch.einsum("nk,nde->kde", resp, clip_outer) / (T * count[:, None, None]) \
+                - means[:, :, None] * means[:, None, :] + ridge
+        return cls(weights.float(), means.float(), torch.linalg.cholesky(covs).float())
+
+    @staticmethod
+    def _clip_log_likelihood(clip_sum: torch.Tensor, clip_outer: torch.Tensor, frames: int, means: torch.Tensor,
+                             scale_tril: torch.Tensor) -> torch.Tensor:
+        """log p(clip | component), (N, K), its frames independent given the component, from each clip's sums:
+        sum_t (x_t - mu)^T P (x_t - mu) = tr(P sum_t x_t x_t^T) - 2 mu^T P sum_t x_t + T mu^T P mu, P = Sigma^-1."""
+        D = means.shape[1]
+        precision = torch.cholesky_inverse(scale_tril)  # (K, D, D)
+        p_mu = (precision @ means[:, :, None])[..., 0]  # (K, D)
+        mahalanobis = torch.einsum("kde,nde->nk", precision, clip_outer) - 2 * clip_sum @ p_mu.T \
+            + frames * (means * p_mu).sum(1)
+        log_det = 2 * scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (K,)
+        return -0.5 * (mahalanobis + frames * (log_det + D * math.log(2 * math.pi)))
+
+    def sample(self, num_samples: int, frames: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
+        """(num_samples, D, frames): one component per clip, the frames' deviations from its mean scaled by T."""
+        k = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)
+        eps = torch.randn(num_samples, frames, self.means.shape[1], generator=generator)
+        z = self.means[k][:, None] + temperature * (self.scale_tril[k][:, None] @ eps[..., None])[..., 0]
+        return z.transpose(1, 2)
+
+    def state(self) -> dict:
+        return {"weights": self.weights, "means": self.means, "scale_tril": self.scale_tril}
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) per element, in nats."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar)
 
 
 def to_patches(mel: torch.Tensor) -> torch.Tensor:
@@ -928,6 +1134,21 @@ def mel_metrics(ref: torch.Tensor, est: torch.Tensor, pre: AudioPreprocessor) ->
     }
 
 
+@torch.no_grad()
+def latent_rate(model: "AudioVAE", mels: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """A VAE's code rate on normalised log-mels (N, n_mels, T): the KL of q(z | x) from the prior, summed over channels
+    and averaged over latent frames, in nats per latent frame and bit/s, and the channels whose KL is above
+    ACTIVE_KL_NATS (the rest carry nothing: their posterior is the prior)."""
+    per_channel, frames = 0.0, 0
+    for mel in mels.split(batch_size):
+        kl = kl_divergence(*model.posterior(mel))  # (B, latent_dim, T/16)
+        per_channel, frames = per_channel + kl.double().sum(dim=(0, 2)), frames + kl.shape[0] * kl.shape[2]
+    per_channel = per_channel / frames
+    nats = per_channel.sum().item()
+    return {"kl_nats_per_latent_frame": nats, "kl_bits_per_second": nats / math.log(2) * LATENT_FRAMES_PER_SECOND,
+            "active_channels": int((per_channel > ACTIVE_KL_NATS).sum()), "latent_dim": len(per_channel)}
+
+
 def waveform_metrics(ref: torch.Tensor, est: torch.Tensor, speech_like: bool) -> dict[str, float | str]:
     """Metrics on waveforms (B, L) after Griffin-Lim, averaged over clips.
 
@@ -1000,14 +1221,18 @@ def evaluate(model: nn.Module, pre: AudioPreprocessor, data: AudioData, cfg: arg
     speech, each music stem and the mixture, each synthetic stem (PESQ and STOI on speech only)."""
     clips = data.val if isinstance(data.val, torch.Tensor) else render_clips(data.val, progress=False)
     if data.val_sources is None:
-        return score_clips(model, pre, clips, cfg, device, data.speech_like)
-    labels = np.array(data.val_sources)
-    per_source = {s: score_clips(model, pre, clips[torch.from_numpy(labels == s)], cfg, device, s == "speech")
-                  for s in dict.fromkeys(data.val_sources)}
-    shown = "speech" if "speech" in per_source else next(iter(per_source))  # its waveform scores and clips lead
-    metrics = {**per_source[shown][0], "mel": {**mel_metrics_of(per_source), "clips": len(clips)},
-               "per_source": {s: m for s, (m, _) in per_source.items()}}
-    return metrics, per_source[shown][1]
+        metrics, rec = score_clips(model, pre, clips, cfg, device, data.speech_like)
+    else:
+        labels = np.array(data.val_sources)
+        per_source = {s: score_clips(model, pre, clips[torch.from_numpy(labels == s)], cfg, device, s == "speech")
+                      for s in dict.fromkeys(data.val_sources)}
+        shown = "speech" if "speech" in per_source else next(iter(per_source))  # its waveform scores and clips lead
+        metrics = {**per_source[shown][0], "mel": {**mel_metrics_of(per_source), "clips": len(clips)},
+                   "per_source": {s: m for s, (m, _) in per_source.items()}}
+        rec = per_source[shown][1]
+    if isinstance(model, AudioVAE):
+        metrics["latent"] = latent_rate(model, pre.normalise(log_mels(clips, pre, cfg.batch_size, device)), cfg.batch_size)
+    return metrics, rec
 
 
 def mel_metrics_of(per_source: dict) -> dict[str, float]:
@@ -1036,6 +1261,10 @@ def describe(metrics: dict) -> str:
     lines = [f"mel ({m['clips']} clips): " + ", ".join(f"{k} {fmt(m[k])}" for k in ("mse", "mae", "cosine", "pesq_proxy"))]
     for name in ("autoencoder", "griffin_lim_ceiling"):
         lines.append(f"after Griffin-Lim, {name} ({w['clips']} clips): " + ", ".join(f"{k} {fmt(v)}" for k, v in w[name].items()))
+    if "latent" in metrics:
+        r = metrics["latent"]
+        lines.append(f"latent: KL {r['kl_nats_per_latent_frame']:.1f} nats per latent frame = {r['kl_bits_per_second']:.0f} bit/s, "
+                     f"{r['active_channels']} of {r['latent_dim']} channels active (KL > {ACTIVE_KL_NATS} nats)")
     for source, s in metrics.get("per_source", {}).items():
         model, ceiling = s["waveform"]["autoencoder"], s["waveform"]["griffin_lim_ceiling"]
         speech = f", STOI {fmt(model['stoi'])} / {fmt(ceiling['stoi'])}, PESQ-WB {fmt(model['pesq_wb'])} / " \
@@ -1065,8 +1294,8 @@ def random_shift(mel: torch.Tensor) -> torch.Tensor:
 
 
 class AudioTrainer:
-    """MSE on randomly shifted normalised log-mels, AdamW with warm-up then cosine decay per step, gradient clipping,
-    a checkpoint per epoch."""
+    """MSE on randomly shifted normalised log-mels (plus beta * KL for a VAE), AdamW with warm-up then cosine decay per
+    step, gradient clipping, a checkpoint per epoch."""
 
     WARMUP_STEPS = 100
 
@@ -1090,7 +1319,12 @@ class AudioTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
             0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
         self.epoch = 0
-        self.history: dict[str, list[float]] = {k: [] for k in ("train_loss", "val_mse", "val_mae", "val_cosine", "val_pesq_proxy", "lr")}
+        self.prior: ClipMixturePrior | None = None
+        self.variational = isinstance(model, AudioVAE)
+        keys = ["train_loss", "val_mse", "val_mae", "val_cosine", "val_pesq_proxy", "lr"]
+        if self.variational:  # the two terms of the loss apart, and the held-out rate
+            keys += ["train_recon", "train_kl", "val_kl_nats", "val_kl_bits_per_second", "val_active_channels"]
+        self.history: dict[str, list[float]] = {k: [] for k in keys}
 
     def state(self) -> dict:
         return {
@@ -1098,7 +1332,19 @@ class AudioTrainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "config": checkpoint_config(self.cfg),
             "normalisation": {"mean": self.pre.mean.item(), "std": self.pre.std.item()}, "history": self.history,
+            **({"prior": self.prior.state()} if self.prior else {}),
         }
+
+    def save(self, checkpoint: Path) -> None:
+        atomic_write(checkpoint, lambda tmp: torch.save(self.state(), tmp))
+
+    @torch.no_grad()
+    def fit_prior(self, train_mels: torch.Tensor, clips: int = 4096) -> None:
+        """The VAE's learned prior, on the posterior means of up to `clips` random training clips."""
+        self.model.eval()
+        order = torch.randperm(len(train_mels), generator=torch.Generator().manual_seed(self.cfg.seed))[:clips]
+        z = torch.cat([self.model.encode(mel) for mel in train_mels[order].split(self.cfg.batch_size)])
+        self.prior = ClipMixturePrior.fit(z, self.cfg.prior_components, self.cfg.seed)
 
     def load(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -1108,12 +1354,27 @@ class AudioTrainer:
             group["lr"] = group["initial_lr"] * schedule(step)
         self.epoch, self.history = ckpt["epoch"], ckpt["history"]
 
-    def train_epoch(self, loader: DataLoader) -> float:
+    def loss(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, mel MSE, KL in nats per latent frame). The VAE's loss is MSE + beta * KL / (n_mels * 16): the KL
+        of a latent frame spread over the mel values it codes, so beta does not depend on n_mels. Beta warms up
+        linearly over --kl_warmup_steps; a channel's KL below --free_bits is not penalised (Kingma et al. 2016)."""
+        if not self.variational:
+            mse = F.mse_loss(self.ddp(mel), mel)
+            return mse, mse, torch.zeros((), device=mel.device)
+        mel_hat, kl = self.ddp(mel, sample=True)
+        mse = F.mse_loss(mel_hat, mel)
+        per_channel = kl.mean(dim=(0, 2))  # (latent_dim,) nats per latent frame
+        warmup = min(1.0, (self.scheduler.last_epoch + 1) / max(1, self.cfg.kl_warmup_steps))
+        penalty = per_channel.clamp(min=self.cfg.free_bits).sum() / (mel.shape[1] * TIME_STRIDE)
+        return mse + self.cfg.kl_weight * warmup * penalty, mse, per_channel.sum()
+
+    def train_epoch(self, loader: DataLoader) -> dict[str, float]:
+        """Mean loss, mel MSE and KL (nats per latent frame) over the epoch's clips, across all ranks."""
         self.ddp.train()
-        total, count = torch.zeros(2, device=self.device), 0
+        total = torch.zeros(4, device=self.device)
         for mel in tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, disable=self.rank != 0):
             mel = random_shift(mel.to(self.device))  # (B, n_mels, 256) -> (B, n_mels, 240)
-            loss = F.mse_loss(self.ddp(mel), mel)
+            loss, mse, kl = self.loss(mel)
             finite = torch.isfinite(loss).float()
             if self.world_size > 1:  # every rank must agree to stop, or the others hang in all-reduce
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -1124,11 +1385,10 @@ class AudioTrainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0)
             self.optimizer.step()
             self.scheduler.step()
-            total += torch.stack([loss.detach() * len(mel), torch.tensor(float(len(mel)), device=self.device)])
-            count += 1
+            total += torch.stack([loss.detach(), mse.detach(), kl.detach(), torch.tensor(1.0, device=self.device)]) * len(mel)
         if self.world_size > 1:
             dist.all_reduce(total)
-        return (total[0] / total[1]).item()
+        return dict(zip(("loss", "recon", "kl"), (total[:3] / total[3]).tolist()))
 
     def fit(self, train_mels: torch.Tensor, val_mels: torch.Tensor, checkpoint: Path) -> None:
         """Train on normalised log-mels (N, n_mels, T) to --epochs, scoring val_mels and saving after every epoch."""
@@ -1142,22 +1402,31 @@ class AudioTrainer:
             if isinstance(sampler, DistributedSampler):
                 sampler.set_epoch(self.epoch)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate the epoch starts at
-            train_loss = self.train_epoch(loader)
+            train = self.train_epoch(loader)
             self.epoch += 1
             if self.rank == 0:  # rank 0 alone scores and writes; the others wait at the barrier
-                val = self.validation_mel_metrics(val_mels)
-                for k, v in [("train_loss", train_loss), ("lr", lr)] + [(f"val_{k}", v) for k, v in val.items()]:
-                    self.history[k].append(v)
-                atomic_write(checkpoint, lambda tmp: torch.save(self.state(), tmp))
-                print(f"epoch {self.epoch}: train mse {train_loss:.4f}, val mse {val['mse']:.4f}, "
-                           f"cosine {val['cosine']:.3f}, pesq proxy {val['pesq_proxy']:.3f}, lr {lr:.2e}")
+                val = self.validation_metrics(val_mels)
+                row = {"train_loss": train["loss"], "lr": lr, "train_recon": train["recon"], "train_kl": train["kl"],
+                       **{f"val_{k}": v for k, v in val.items()}}
+                for k in self.history:
+                    self.history[k].append(row[k])
+                self.save(checkpoint)
+                rate = f", KL {train['kl']:.1f} nats/latent frame (held out {val['kl_bits_per_second']:.0f} bit/s, " \
+                       f"{val['active_channels']} active channels)" if self.variational else ""
+                print(f"epoch {self.epoch}: train mse {train['recon']:.4f}{rate}, val mse {val['mse']:.4f}, "
+                      f"cosine {val['cosine']:.3f}, pesq proxy {val['pesq_proxy']:.3f}, lr {lr:.2e}")
             if self.world_size > 1:
                 dist.barrier()
 
     @torch.no_grad()
-    def validation_mel_metrics(self, val_mels: torch.Tensor) -> dict[str, float]:
+    def validation_metrics(self, val_mels: torch.Tensor) -> dict[str, float]:
         self.model.eval()
-        return mel_metrics(val_mels, torch.cat([self.model(mel) for mel in val_mels.split(self.cfg.batch_size)]), self.pre)
+        val = mel_metrics(val_mels, torch.cat([self.model(mel) for mel in val_mels.split(self.cfg.batch_size)]), self.pre)
+        if self.variational:
+            rate = latent_rate(self.model, val_mels, self.cfg.batch_size)
+            val.update(kl_nats=rate["kl_nats_per_latent_frame"], kl_bits_per_second=rate["kl_bits_per_second"],
+                       active_channels=rate["active_channels"])
+        return val
 
 
 def draw_weights(data: AudioData, mix: dict[str, float]) -> torch.Tensor | None:
@@ -1175,55 +1444,83 @@ def draw_weights(data: AudioData, mix: dict[str, float]) -> torch.Tensor | None:
 
 def checkpoint_config(cfg: argparse.Namespace) -> dict:
     """The settings infer and resume need, as plain types (weights_only loading accepts nothing else)."""
-    keys = ("n_mels", "latent_dim", "hidden_channels", "stem", "seed", "num_samples", "audio_dir", "musdb_root",
-            "corpus_dir", "corpus_mix", "batch_size", "learning_rate", "weight_decay", "epochs")
-    return {k: getattr(cfg, k) for k in keys}
+    keys = ("model", "n_mels", "latent_dim", "hidden_channels", "stem", "seed", "num_samples", "audio_dir", "musdb_root",
+            "corpus_dir", "corpus_mix", "batch_size", "learning_rate", "weight_decay", "epochs", "init_from")
+    variational = ("kl_weight", "kl_warmup_steps", "free_bits", "prior_components") if cfg.model == "vae" else ()
+    return {k: getattr(cfg, k) for k in keys + variational}
 
 
-def load_checkpoint(path: Path, resume: bool = False) -> dict:
-    """Read and check a checkpoint; missing, corrupt or foreign files -> UsageError.
+def model_kind(ckpt: dict) -> str:
+    """ae or vae; checkpoints from before the VAE are autoencoders."""
+    return ckpt["config"].get("model", "ae")
+
+
+def load_checkpoint(path: Path, resume: bool = False, model: str | None = None) -> dict:
+    """Read and check a checkpoint; missing, corrupt or foreign files -> UsageError. weights_only loading: a pickle
+    that would run code is refused, not executed.
 
     Infer needs only weights, config and normalisation (published checkpoints carry no optimizer state);
-    resume needs the optimizer and scheduler too.
+    resume needs the optimizer and scheduler too; `model` (vae for sample and interpolate) refuses the other kind.
     """
+    if path.is_dir():
+        raise UsageError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path} (train first: python audio_gen.py --mode train)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types (pickle, zip, runtime) for a damaged file
-        raise UsageError(f"checkpoint {path} is not readable ({type(e).__name__}); it may be corrupt") from None
+        raise UsageError(f"checkpoint {path} is not readable ({type(e).__name__}); it may be corrupt or not a "
+                         f"checkpoint") from None
     required = {"model", "epoch", "config", "normalisation"}
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "audio_autoencoder" or not required <= ckpt.keys():
-        raise UsageError(f"checkpoint {path} is not an audio_gen.py autoencoder checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "audio_autoencoder" or not required <= ckpt.keys() \
+            or not isinstance(ckpt["config"], dict):
+        raise UsageError(f"checkpoint {path} is not an audio_gen.py checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"checkpoint {path} has format version {ckpt.get('format_version')} (an older audio_gen.py); "
                          f"this script reads version {FORMAT_VERSION}: train a new one")
     if resume and not {"optimizer", "scheduler", "history"} <= ckpt.keys():
         raise UsageError(f"checkpoint {path} holds weights only (no optimizer state): it can be used for infer, not --resume")
+    if model is not None and model_kind(ckpt) != model:
+        raise UsageError(f"checkpoint {path} is an autoencoder (--model {model_kind(ckpt)}), which has no prior to sample "
+                         f"or walk: give a VAE checkpoint (train one with --model vae)")
     return ckpt
 
 
 def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[AudioAutoencoder, AudioPreprocessor]:
     c = ckpt["config"]
-    model = AudioAutoencoder(c["n_mels"], c["latent_dim"], c["hidden_channels"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise UsageError(f"checkpoint {path}: weights do not match its own config (n_mels {c['n_mels']}, "
-                         f"latent_dim {c['latent_dim']}, hidden_channels {c['hidden_channels']})") from None
+    model = (AudioVAE if model_kind(ckpt) == "vae" else AudioAutoencoder)(c["n_mels"], c["latent_dim"], c["hidden_channels"])
+    load_weights(model, ckpt["model"], path)
     return model, AudioPreprocessor(c["n_mels"], **ckpt["normalisation"])
 
 
+def load_weights(model: AudioAutoencoder, state: dict, path: Path) -> None:
+    """Load a checkpoint's weights, shape for shape. Only the VAE's log-variance conv may be absent (a VAE started from
+    an autoencoder keeps its fresh one) or left over (an autoencoder started from a VAE drops it)."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError:
+        missing, unexpected = ["(shapes)"], []
+    if any(not k.startswith("logvar.") for k in missing + unexpected):
+        c = model.patch_decoder
+        raise UsageError(f"checkpoint {path}: its weights do not fit a model of n_mels {c.out_features // TIME_STRIDE}, "
+                         f"latent_dim {c.in_features}, hidden_channels {model.encoder[0].out_channels}") from None
+
+
 def train(cfg: argparse.Namespace) -> None:
-    checkpoint = Path(cfg.checkpoint or DEFAULT_CHECKPOINT)
-    if checkpoint.resolve() == PRETRAINED_CHECKPOINT:
-        raise UsageError(f"{checkpoint} is the shipped pretrained model; train into another --checkpoint")
-    ckpt = None
+    cfg.model = cfg.model or "ae"
+    checkpoint = Path(cfg.checkpoint or Path("models") / CHECKPOINT_NAMES[cfg.model])
+    if checkpoint.resolve().parent == PRETRAINED_DIR:
+        raise UsageError(f"{checkpoint} is a shipped pretrained model; train into another --checkpoint")
+    ckpt, start = None, None
     if cfg.resume:  # model and data settings come from the checkpoint; --epochs becomes the new total
         ckpt = load_checkpoint(checkpoint, resume=True)
         vars(cfg).update({k: v for k, v in ckpt["config"].items() if k not in ("epochs", "learning_rate", "batch_size")})
+        cfg.model = model_kind(ckpt)
         if ckpt["epoch"] >= cfg.epochs:
             raise UsageError(f"checkpoint {checkpoint} already has {ckpt['epoch']} epochs; pass --epochs above that to resume")
+    if cfg.init_from:  # a new run from trained weights: the architecture and the input normalisation come with them
+        start = load_checkpoint(Path(cfg.init_from))
+        vars(cfg).update({k: start["config"][k] for k in ("n_mels", "latent_dim", "hidden_channels")})
     data = build_datasets(cfg)  # bad data fails here, before anything is written
     rank, world_size = setup_distributed()
     if isinstance(data.train, Subset):  # synthetic
@@ -1234,13 +1531,16 @@ def train(cfg: argparse.Namespace) -> None:
     if ckpt is not None:
         model, pre = model_from_checkpoint(ckpt, checkpoint)
     else:
-        model, pre = AudioAutoencoder(cfg.n_mels, cfg.latent_dim, cfg.hidden_channels), AudioPreprocessor(cfg.n_mels)
+        model = (AudioVAE if cfg.model == "vae" else AudioAutoencoder)(cfg.n_mels, cfg.latent_dim, cfg.hidden_channels)
+        pre = AudioPreprocessor(cfg.n_mels, **start["normalisation"]) if start else AudioPreprocessor(cfg.n_mels)
+    if start is not None:
+        load_weights(model, start["model"], Path(cfg.init_from))
     model, pre = model.to(device), pre.to(device)
     train_mels, val_mels = log_mels(train_set, pre, cfg.batch_size, device), log_mels(val_set, pre, cfg.batch_size, device)
-    if ckpt is None:
+    if ckpt is None and start is None:
         pre = AudioPreprocessor(cfg.n_mels, *fit_normalisation(train_mels)).to(device)
     train_mels, val_mels = pre.normalise(train_mels), pre.normalise(val_mels)
-    if ckpt is None:
+    if ckpt is None and start is None:
         model.init_linear_path(train_mels)  # start from PCA's reconstruction; the same on every rank
     seed_everything(cfg.seed + rank)  # per-rank randomness from here on (shuffles, Griffin-Lim phases)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world_size) / cfg.batch_size)  # DistributedSampler pads evenly
@@ -1255,13 +1555,18 @@ def train(cfg: argparse.Namespace) -> None:
             counts = {s: data.train_sources.count(s) for s in dict.fromkeys(data.train_sources)}
             print("  training clips per source: " + ", ".join(f"{s} {n}" for s, n in counts.items())
                   + "; draws: " + ", ".join(f"{s} {share:.0%}" for s, share in cfg.corpus_mix.items()))
-        print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; mel {cfg.n_mels}x{frames} -> latent "
+        print(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters"
+              + (f" from {cfg.init_from}" if cfg.init_from else "") + f"; mel {cfg.n_mels}x{frames} -> latent "
               f"{cfg.latent_dim}x{frames // TIME_STRIDE}: compression ratio {ratio:.1f}x; device {device}, {world_size} process(es)")
     try:
         trainer.fit(train_mels, val_mels, checkpoint)
     except TrainingDiverged as e:
         kept = f"the checkpoint of epoch {trainer.epoch} is kept at {checkpoint}" if checkpoint.exists() else "no checkpoint was written"
         raise TrainingDiverged(f"{e}; training stopped, {kept}") from None
+    if rank == 0 and trainer.variational and cfg.prior_components > 0:
+        trainer.fit_prior(train_mels)
+        trainer.save(checkpoint)
+        print(f"fitted the learned prior: {len(trainer.prior.weights)} components on training posterior means")
     if rank == 0:
         metrics, rec = evaluate(model, pre, data, cfg, device)
         metrics.update(source=data.description, checkpoint=str(checkpoint), epoch=trainer.epoch)
@@ -1276,17 +1581,19 @@ def train(cfg: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Reconstruction: the in-memory surface (infer, api.py and webapp.py all use it)
+# Reconstruction and generation: the in-memory surface (infer, sample, interpolate, api.py and webapp.py all use it)
 # ----------------------------------------------------------------------------
 CHUNK_SECONDS = 20  # --input files are reconstructed in chunks this long, so memory stays flat for any length
 OVERLAP_SECONDS = 0.5  # ... cross-faded over this overlap (each chunk's Griffin-Lim starts from its own phases)
 
 
-def default_checkpoint(checkpoint: str | Path | None) -> Path:
-    """The checkpoint infer uses: the one named, else models/audio_autoencoder.pt, else the shipped pretrained model."""
+def default_checkpoint(checkpoint: str | Path | None, model: str = "ae") -> Path:
+    """The checkpoint infer uses: the one named, else models/audio_autoencoder.pt (audio_vae.pt for a VAE), else the
+    shipped pretrained one."""
     if checkpoint is not None:
         return Path(checkpoint)
-    return DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.exists() or not PRETRAINED_CHECKPOINT.exists() else PRETRAINED_CHECKPOINT
+    trained, shipped = Path("models") / CHECKPOINT_NAMES[model], PRETRAINED_DIR / CHECKPOINT_NAMES[model]
+    return trained if trained.exists() or not shipped.exists() else shipped
 
 
 def decode_audio(source: str | Path | bytes | BinaryIO, name: str = "upload") -> torch.Tensor:
@@ -1299,13 +1606,14 @@ def decode_audio(source: str | Path | bytes | BinaryIO, name: str = "upload") ->
 
 
 class AudioModel:
-    """A checkpoint loaded once, reconstructing waveforms in memory."""
+    """A checkpoint loaded once, reconstructing waveforms in memory; a VAE also samples and interpolates."""
 
-    def __init__(self, checkpoint: Path, device: torch.device):
-        ckpt = load_checkpoint(checkpoint)
-        model, pre = model_from_checkpoint(ckpt, checkpoint)
-        self.model, self.pre, self.device = model.to(device).eval(), pre.to(device), device
-        self.kind, self.checkpoint, self.epoch, self.config = "ae", checkpoint, ckpt["epoch"], ckpt["config"]
+    def __init__(self, checkpoint: Path, device: torch.device, model: str | None = None):
+        ckpt = load_checkpoint(checkpoint, model=model)
+        net, pre = model_from_checkpoint(ckpt, checkpoint)
+        self.model, self.pre, self.device = net.to(device).eval(), pre.to(device), device
+        self.kind, self.checkpoint, self.epoch, self.config = model_kind(ckpt), checkpoint, ckpt["epoch"], ckpt["config"]
+        self.prior = ClipMixturePrior(**ckpt["prior"]) if "prior" in ckpt else None
         self.sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
         self.sample_rate = SAMPLE_RATE
 
@@ -1321,8 +1629,58 @@ class AudioModel:
                              "griffin_lim_ceiling": waveform_metrics(wav[None], rec["wav_ceiling"][None], speech_like)}}
 
 
-def load_audio_model(checkpoint: str | Path | None = None, device: str | None = None) -> AudioModel:
-    return AudioModel(default_checkpoint(checkpoint), resolve_device(device))
+    @torch.no_grad()
+    def sample(self, num_samples: int, seconds: float = 5.0, temperature: float = 1.0, seed: int = 0,
+               griffin_lim_iters: int = 32, inverse: str = "nnls", prior: str | None = None) -> dict:
+        """z from the prior -> mel_hat (N, n_mels, T) and wav_hat (N, L), at the training clips' level.
+
+        prior: "mixture" (the learned ClipMixturePrior, the default where the checkpoint has one) or "standard",
+        z ~ N(0, T^2 I) per latent frame."""
+        prior = prior or ("mixture" if self.prior else "standard")
+        if prior == "mixture" and self.prior is None:
+            raise UsageError(f"checkpoint {self.checkpoint} has no learned prior (trained with --prior_components 0); "
+                             f"use --prior standard")
+        length = round(seconds * SAMPLE_RATE)
+        padded = AudioPreprocessor.pad(torch.zeros(length)).numel()
+        latent_frames = (1 + padded // HOP) // TIME_STRIDE
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
+        if prior == "mixture":
+            z = self.prior.sample(num_samples, latent_frames, temperature, generator)
+        else:
+            z = temperature * torch.randn(num_samples, self.config["latent_dim"], latent_frames, generator=generator)
+        mel_hat = self.model.decode(z.to(self.device))  # (N, latent_dim, T/16) -> (N, n_mels, T)
+        torch.manual_seed(seed)
+        wav_hat = self.pre.to_waveform(mel_hat, padded, griffin_lim_iters, inverse)[..., :length]
+        return {"mel_hat": mel_hat.cpu(), "wav_hat": wav_hat.cpu()}
+
+    @torch.no_grad()
+    def interpolate(self, wav_a: torch.Tensor, wav_b: torch.Tensor, steps: int, seed: int = 0,
+                    griffin_lim_iters: int = 32, inverse: str = "nnls") -> dict:
+        """Two clips (L,) -> steps + 1 clips decoded from z_t = (1 - t) z_a + t z_b, t = 0, 1/steps, ..., 1.
+
+        z_a and z_b are the posterior means, so t = 0 and t = 1 are the two clips' reconstructions. A straight line,
+        not a slerp: slerp keeps a prior draw's norm, but these are posterior means, whose per-frame norms differ
+        (a silent frame sits near the origin), and on a line every step is a plain mixture of the two codes.
+        The level walks from one clip's to the other's in dB. Returns mel (2, n_mels, T), mel_hat (steps + 1, ...),
+        wav_hat (steps + 1, L) on the CPU, L the shorter clip's length, and t.
+        """
+        length = min(wav_a.numel(), wav_b.numel())
+        wav = torch.stack([wav_a[:length], wav_b[:length]]).to(self.device)
+        gain = self.pre.level_gain(wav)  # (2, 1)
+        padded = self.pre.pad(wav * gain)
+        mel = self.pre(padded)
+        z = self.model.encode(mel)  # (2, latent_dim, T/16)
+        t = torch.linspace(0, 1, steps + 1, device=self.device)[:, None, None]
+        mel_hat = self.model.decode((1 - t) * z[0] + t * z[1])
+        gains = torch.exp((1 - t[:, :, 0]) * gain[0].log() + t[:, :, 0] * gain[1].log())  # (steps + 1, 1)
+        torch.manual_seed(seed)
+        wav_hat = self.pre.to_waveform(mel_hat, padded.shape[-1], griffin_lim_iters, inverse)[..., :length] / gains
+        return {"mel": mel.cpu(), "mel_hat": mel_hat.cpu(), "wav_hat": wav_hat.cpu(), "t": t.flatten().cpu()}
+
+
+def load_audio_model(checkpoint: str | Path | None = None, device: str | None = None, model: str | None = None) -> AudioModel:
+    """model None: whatever the checkpoint holds (default: the autoencoder); "vae": a VAE, refusing an autoencoder."""
+    return AudioModel(default_checkpoint(checkpoint, model or "ae"), resolve_device(device), model)
 
 
 def resample_to_file(path: Path, out: Path) -> int:
@@ -1401,11 +1759,15 @@ def flatten(tree: dict, prefix: tuple = ()) -> list[tuple[tuple, object]]:
             for item in (flatten(v, (*prefix, k)) if isinstance(v, dict) else [((*prefix, k), v)])]
 
 
+def announce(audio: AudioModel) -> None:
+    pretrained = audio.checkpoint.resolve().parent == PRETRAINED_DIR
+    print(f"using checkpoint {audio.checkpoint}" + (" (pretrained)" if pretrained else "") + f": {audio.kind}, "
+          f"epoch {audio.epoch}, n_mels {audio.config['n_mels']}, latent_dim {audio.config['latent_dim']}")
+
+
 def infer(cfg: argparse.Namespace) -> None:
-    audio = load_audio_model(cfg.checkpoint, cfg.device)
-    pretrained = audio.checkpoint.resolve() == PRETRAINED_CHECKPOINT
-    print(f"using checkpoint {audio.checkpoint}" + (" (pretrained)" if pretrained else "")
-          + f": epoch {audio.epoch}, n_mels {audio.config['n_mels']}, latent_dim {audio.config['latent_dim']}")
+    audio = AudioModel(default_checkpoint(cfg.checkpoint, cfg.model or "ae"), resolve_device(cfg.device))
+    announce(audio)
     results = Path(cfg.results_dir)
     if cfg.input:
         stem = Path(cfg.input).stem
@@ -1441,6 +1803,42 @@ def infer(cfg: argparse.Namespace) -> None:
     print(f"wrote {write_metrics(cfg, 'infer', metrics)}, {written} and inference_comparison.png in {results}/")
 
 
+SAMPLE_BATCH = 8  # --mode sample decodes and writes this many clips at a time, so memory stays flat for any count
+
+
+def sample(cfg: argparse.Namespace) -> None:
+    """Draw --num_samples clips from the VAE's prior into results/vae_sample_NN.wav, and one PNG of their mels."""
+    audio = load_audio_model(cfg.checkpoint, cfg.device, model="vae")
+    announce(audio)
+    results, shown = Path(cfg.results_dir), []
+    for start in tqdm(range(0, cfg.num_samples, SAMPLE_BATCH), desc="sampling", leave=False):
+        n = min(SAMPLE_BATCH, cfg.num_samples - start)
+        out = audio.sample(n, cfg.seconds, cfg.temperature, cfg.seed + start, cfg.griffin_lim_iters, cfg.inverse, cfg.prior)
+        for i in range(n):
+            save_wav(results / f"vae_sample_{start + i:02d}.wav", out["wav_hat"][i])
+        shown += [out["mel_hat"][i] for i in range(n) if start + i < SAMPLE_GRID]
+    plot_mel_grid(shown, [f"sample {i}" for i in range(len(shown))], results / "vae_samples.png",
+                  f"VAE samples, {cfg.prior or ('mixture' if audio.prior else 'standard')} prior, T = {cfg.temperature:g} "
+                  f"({audio.checkpoint.name})")
+    print(f"wrote {cfg.num_samples} clips of {cfg.seconds:g} s (vae_sample_00.wav ...) and vae_samples.png in {results}/")
+
+
+def interpolate(cfg: argparse.Namespace) -> None:
+    """Walk from --input to --input_b in --steps through the VAE's latent space: one WAV of the walk, one PNG strip."""
+    audio = load_audio_model(cfg.checkpoint, cfg.device, model="vae")
+    announce(audio)
+    wavs = [decode_audio(path, name=str(path))[: round(cfg.seconds * SAMPLE_RATE)] for path in (cfg.input, cfg.input_b)]
+    walk = audio.interpolate(*wavs, cfg.steps, cfg.seed, cfg.griffin_lim_iters, cfg.inverse)
+    gap = torch.zeros(SAMPLE_RATE // 4)  # a quarter second of silence between steps
+    results = Path(cfg.results_dir)
+    save_wav(results / "vae_interpolation.wav", torch.cat([x for wav in walk["wav_hat"] for x in (wav, gap)][:-1]))
+    plot_mel_grid(list(walk["mel_hat"]), [f"t = {t:.2f}" for t in walk["t"].tolist()], results / "vae_interpolation.png",
+                  f"{Path(cfg.input).name} (t = 0) to {Path(cfg.input_b).name} (t = 1), {walk['wav_hat'].shape[-1] / SAMPLE_RATE:.1f} s each",
+                  columns=len(walk["t"]))
+    print(f"wrote vae_interpolation.wav ({cfg.steps + 1} steps of {walk['wav_hat'].shape[-1] / SAMPLE_RATE:.1f} s) "
+          f"and vae_interpolation.png in {results}/")
+
+
 def save_wav(path: Path, wav: torch.Tensor) -> None:
     atomic_write(path, lambda tmp: sf.write(tmp, wav.detach().cpu().clamp(-1, 1).numpy(), SAMPLE_RATE, subtype="PCM_16"))
 
@@ -1461,9 +1859,11 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
 
 
 def plot_training_curves(history: dict[str, list[float]], path: Path) -> None:
+    """Losses, similarity and learning rate per epoch; for a VAE also the KL and the active channels."""
     epochs = range(1, len(history["train_loss"]) + 1)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].semilogy(epochs, history["train_loss"], label="train MSE")
+    variational = "train_kl" in history
+    fig, axes = plt.subplots(1, 4 if variational else 3, figsize=(20 if variational else 15, 4))
+    axes[0].semilogy(epochs, history["train_recon"] if variational else history["train_loss"], label="train MSE")
     axes[0].semilogy(epochs, history["val_mse"], label="held-out MSE")
     axes[0].semilogy(epochs, history["val_mae"], label="held-out MAE")
     axes[0].set(title="loss (normalised log-mel)", xlabel="epoch")
@@ -1472,6 +1872,14 @@ def plot_training_curves(history: dict[str, list[float]], path: Path) -> None:
     axes[1].set(title="held-out similarity", xlabel="epoch", ylim=(0, 1.02))
     axes[2].plot(epochs, history["lr"], color="gray")
     axes[2].set(title="learning rate", xlabel="epoch")
+    if variational:
+        axes[3].plot(epochs, history["train_kl"], label="train KL")
+        axes[3].plot(epochs, history["val_kl_nats"], label="held-out KL")
+        axes[3].set(title="KL term (nats per latent frame)", xlabel="epoch")
+        rate = axes[3].secondary_yaxis("right", functions=(lambda n: n / math.log(2) * LATENT_FRAMES_PER_SECOND,
+                                                           lambda b: b * math.log(2) / LATENT_FRAMES_PER_SECOND))
+        rate.set_ylabel("bit/s")
+        axes[3].legend(title=f"active channels: {history['val_active_channels'][-1]:.0f}")
     for ax in axes[:2]:
         ax.legend()
     for ax in axes:
@@ -1495,6 +1903,24 @@ def plot_spectrogram_comparison(rec: dict, path: Path, rows: int = 3) -> None:
         _show_mel(axes[r, 1], mel_hat, f"clip {r}: autoencoder (MSE {F.mse_loss(mel_hat, mel).item():.3f})", lo, hi)
         _show_mel(axes[r, 2], (mel_hat - mel).abs(), "|difference|", 0, (hi - lo) / 2)
     fig.suptitle("held-out clips: original vs reconstructed mel spectrogram (normalised log scale)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+SAMPLE_GRID = 16  # the most mels one PNG shows
+
+
+def plot_mel_grid(mels: list[torch.Tensor], titles: list[str], path: Path, title: str, columns: int = 4) -> None:
+    """Generated mels (n_mels, T) side by side on one colour scale."""
+    columns = min(columns, len(mels))
+    rows = math.ceil(len(mels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False)
+    lo, hi = min(m.min().item() for m in mels), max(m.max().item() for m in mels)
+    for ax, mel, name in zip(axes.flat, mels, titles):
+        _show_mel(ax, mel, name, lo, hi)
+    for ax in axes.flat[len(mels):]:
+        ax.axis("off")
+    fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -1524,7 +1950,7 @@ def plot_inference_comparison(rec: dict, pre: AudioPreprocessor, path: Path, lab
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse_args(argv)
-        {"train": train, "infer": infer, "corpus": build_corpus}[cfg.mode](cfg)
+        {"train": train, "infer": infer, "sample": sample, "interpolate": interpolate, "corpus": build_corpus}[cfg.mode](cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -2,7 +2,7 @@
 
 The held-out split has voices of other languages and voice variants reading new sentences, and songs with
 other General MIDI programs at tempos outside the training range (audio_gen.py's SPEECH_LANGUAGES,
-VOICE_VARIANTS, GM_PROGRAMS, TEMPO_RANGES). Four parts, each optional:
+VOICE_VARIANTS, GM_PROGRAMS, TEMPO_RANGES). Five parts, each optional:
 
   held-out   a checkpoint, per source (speech, music mixture, each stem, synthetic stems): mel MSE against PCA
              with the same latent budget, spectral convergence and log-spectral distance after the mel inverse
@@ -13,6 +13,16 @@ VOICE_VARIANTS, GM_PROGRAMS, TEMPO_RANGES). Four parts, each optional:
   long       a 10-minute file through `audio_gen.py --mode infer --input`: wall time and peak memory, beside a
              1-minute file (chunked reconstruction keeps memory flat).
   speed      one 5-s clip reconstructed on one thread.
+  vae        the VAE (--vae_checkpoint) beside the autoencoder (--checkpoint) at the same latent budget: held-out mel
+             MSE, and after the inverse STOI / PESQ-WB on speech and spectral convergence on music, with the KL
+             rate; then the Frechet distance of mel statistics (below) to held-out clips, for prior samples,
+             noise shaped by the training set's mean spectrum, the autoencoder's reconstructions and training clips.
+
+Frechet distance of mel statistics: each 5-s clip (at one RMS) becomes 4 x 32 numbers, the mean and standard
+deviation over time of each bin of a 32-bin log-mel and of its frame-to-frame difference; a Gaussian is fitted
+to each set's features, and the distance is ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)), as FID's.
+The features need no trained network, so they score any model alike. Real sets are drawn by the training mix's
+source shares (--corpus_mix of the checkpoint), the mix the VAE's prior was fitted to.
 
 PCA: the mel is cut into 16-frame patches (n_mels x 16 numbers) and each keeps its top-k principal components,
 fitted on training clips of the corpus with the checkpoint's normalisation: k numbers per 16 frames, the
@@ -21,6 +31,7 @@ autoencoder's latent budget.
     python audio_gen.py --mode corpus --corpus_dir data/corpus --corpus_minutes 90      # once, 3 minutes
     python benchmarks/bench_audio.py --corpus_dir data/corpus --parts held-out,long,speed
     python benchmarks/bench_audio.py --corpus_dir data/corpus --parts rate --epochs 2
+    python benchmarks/bench_audio.py --corpus_dir data/corpus --parts vae
 """
 
 import argparse
@@ -51,7 +62,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="audio_gen.py on held-out speech and music")
     p.add_argument("--corpus_dir", default="data/corpus", help="a corpus rendered by audio_gen.py --mode corpus")
     p.add_argument("--checkpoint", default=str(ag.PRETRAINED_CHECKPOINT), help="the model scored by held-out, long, speed")
-    p.add_argument("--parts", default="held-out,long,speed", help="comma-separated: held-out, rate, long, speed")
+    p.add_argument("--parts", default="held-out,long,speed", help="comma-separated: held-out, rate, long, speed, vae")
+    p.add_argument("--vae_checkpoint", default=str(ag.PRETRAINED_DIR / ag.CHECKPOINT_NAMES["vae"]), help="vae: the VAE")
+    p.add_argument("--fd_clips", type=int, default=256, help="vae: clips per set in the Frechet distance")
     p.add_argument("--wave_clips", type=int, default=24, help="held-out 5-s clips per source taken through Griffin-Lim")
     p.add_argument("--pca_clips", type=int, default=1500, help="training clips PCA is fitted on")
     p.add_argument("--budgets", default="16,32,64,128", help="rate: latent channels per 16 frames, one model each")
@@ -258,6 +271,113 @@ def speed(audio: ag.AudioModel, clip: torch.Tensor, repeats: int = 7) -> None:
           f"median of {repeats}")
 
 
+def mel_statistics(clips: torch.Tensor) -> np.ndarray:
+    """Clips (N, L) -> (N, 128): per bin of a 32-bin log-mel, the mean and std over time, and those of its frame
+    difference. Each clip is first brought to one RMS, as the models see it."""
+    pre = ag.AudioPreprocessor(32)
+    with torch.no_grad():
+        mel = torch.cat([pre.log_mel(c * pre.level_gain(c)) for c in clips.split(64)])  # (N, 32, T)
+    delta = mel.diff(dim=-1)
+    return torch.cat([mel.mean(-1), mel.std(-1), delta.mean(-1), delta.std(-1)], dim=1).double().numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.linalg import sqrtm
+
+    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def draw_by_mix(sources: list[str], mix: dict[str, float], n: int, seed: int) -> torch.Tensor:
+    """n clip indices drawn without replacement, each source group (speech, music, synthetic) at its training share."""
+    groups = [s.split("_")[0] for s in sources]
+    weights = torch.tensor([mix.get(g, 0.0) / groups.count(g) for g in groups], dtype=torch.double)
+    return torch.multinomial(weights, min(n, int((weights > 0).sum())), generator=torch.Generator().manual_seed(seed))
+
+
+def shaped_noise(train: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n clips of Gaussian noise coloured by the training clips' mean power spectrum (at one RMS): a floor to beat."""
+    pre, window = ag.AudioPreprocessor(32), torch.hann_window(ag.N_FFT)
+    clips = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:512]]
+    power = torch.stack([torch.stft(c * pre.level_gain(c), ag.N_FFT, ag.HOP, window=window, return_complex=True).abs()
+                         .pow(2).mean(dim=(0, 2)) for c in clips.split(64)]).mean(0)  # (n_freqs,)
+    g = torch.Generator().manual_seed(seed)
+    frames = 1 + train.shape[-1] // ag.HOP
+    spectrum = torch.complex(torch.randn(n, len(power), frames, generator=g), torch.randn(n, len(power), frames, generator=g))
+    return torch.istft(spectrum * power.sqrt()[:, None], ag.N_FFT, ag.HOP, window=window, length=train.shape[-1])
+
+
+def vae_benchmark(cfg: argparse.Namespace, train: torch.Tensor, train_sources: list[str], val: torch.Tensor,
+                  val_sources: list[str]) -> None:
+    ae, vae = ag.load_audio_model(cfg.checkpoint, "cpu"), ag.load_audio_model(cfg.vae_checkpoint, "cpu", model="vae")
+    print(f"\n== VAE {vae.checkpoint} (epoch {vae.epoch}, beta {vae.config['kl_weight']}, free bits "
+          f"{vae.config['free_bits']}) beside the autoencoder {ae.checkpoint} (epoch {ae.epoch}), "
+          f"{vae.config['latent_dim']} latent channels each")
+    labels = np.array(val_sources)
+    print("| model | held-out mel MSE (all sources) | speech STOI | speech PESQ-WB | music mixture spectral convergence | "
+          "KL rate | active channels |")
+    print("|---|---|---|---|---|---|---|")
+    speech, mixture = val[torch.from_numpy(labels == "speech")], val[torch.from_numpy(labels == "music_mixture")]
+    rows = {}
+    for name, audio in (("autoencoder", ae), ("VAE (posterior mean)", vae), ("Griffin-Lim ceiling", None)):
+        pre = (audio or ae).pre
+        mse = "0 (the original mel)"
+        if audio is not None:
+            mel = normalised_mels(pre, val)
+            with torch.no_grad():
+                mse = f"{ag.mel_metrics(mel, torch.cat([audio.model(m) for m in mel.split(32)]), pre)['mse']:.4f}"
+        scores = []
+        for clips, is_speech in ((speech[: cfg.wave_clips], True), (mixture[: cfg.wave_clips], False)):
+            mel = normalised_mels(pre, clips)
+            with torch.no_grad():
+                out = audio.model(mel) if audio is not None else mel
+            scores.append(after_inverse(pre, clips, out, is_speech, cfg.seed))
+        rate = "n/a", "n/a"
+        if audio is vae:
+            r = ag.latent_rate(vae.model, normalised_mels(vae.pre, val), 32)
+            rate = f"{r['kl_nats_per_latent_frame']:.1f} nats/latent frame = {r['kl_bits_per_second']:.0f} bit/s", \
+                   f"{r['active_channels']} of {r['latent_dim']}"
+        rows[name] = mse
+        print(f"| {name} | {mse} | {scores[0]['stoi']:.3f} | {scores[0]['pesq_wb']:.3f} | "
+              f"{scores[1]['spectral_convergence']:.3f} | {rate[0]} | {rate[1]} |", flush=True)
+    ratio = float(rows["VAE (posterior mean)"]) / float(rows["autoencoder"])
+    print(f"VAE mel MSE / autoencoder mel MSE: {ratio:.3f} (target <= 1.2)")
+
+    mix = ag.parse_corpus_mix(vae.config["corpus_mix"])
+    n = cfg.fd_clips
+    picked = draw_by_mix(val_sources, mix, 2 * n, cfg.seed)
+    reference, others = val[picked[:n]], val[picked[n:]]  # two disjoint halves of the held-out split
+    reconstructed = []
+    for clips in others.split(16):
+        torch.manual_seed(cfg.seed)
+        with torch.no_grad():
+            reconstructed.append(ag.reconstruct(ae.model, ae.pre, clips, 32, "nnls", cfg.seed)["wav_hat"])
+    def draw(prior: str, temperature: float) -> torch.Tensor:
+        return torch.cat([vae.sample(min(16, n - i), 5.0, temperature, cfg.seed + i, prior=prior)["wav_hat"]
+                          for i in range(0, n, 16)])
+
+    sets = {"held-out clips (the other half, real)": others}
+    for prior in ("standard", "mixture") if vae.prior else ("standard",):
+        for temperature in (1.0, 0.7):
+            sets[f"VAE samples, {prior} prior, T = {temperature:g}"] = draw(prior, temperature)
+    sets["noise shaped by the training mean spectrum"] = shaped_noise(train, n, cfg.seed)
+    sets["autoencoder reconstructions of held-out clips"] = torch.cat(reconstructed)
+    sets["training clips"] = train[draw_by_mix(train_sources, mix, n, cfg.seed)]
+    real = mel_statistics(reference)
+    print(f"\nFrechet distance of mel statistics to {len(reference)} held-out clips ({n} clips per set, drawn "
+          f"{', '.join(f'{k} {v:.0%}' for k, v in mix.items())}):")
+    print("| set | Frechet distance |\n|---|---|")
+    distances = {}
+    for name, clips in sets.items():
+        distances[name] = frechet_distance(mel_statistics(clips), real)
+        print(f"| {name} | {distances[name]:.1f} |", flush=True)
+    noise = distances["noise shaped by the training mean spectrum"]
+    for name, fd in distances.items():
+        if name.startswith("VAE samples") and name.endswith("T = 1"):
+            print(f"{name}: {noise / fd:.1f}x closer to real than the shaped noise (target >= 3x)")
+
+
 def main() -> None:
     start = time.perf_counter()
     cfg = parse_args()
@@ -267,7 +387,7 @@ def main() -> None:
     if not (root / "manifest.json").is_file():
         raise SystemExit(f"error: no corpus at {root}: python audio_gen.py --mode corpus --corpus_dir {root}")
     # the training split (5 GB in memory at 90 minutes) only for the parts that fit PCA or train models
-    train, train_sources = ag.corpus_split(root, "train") if parts & {"held-out", "rate"} else (None, None)
+    train, train_sources = ag.corpus_split(root, "train") if parts & {"held-out", "rate", "vae"} else (None, None)
     val, val_sources = ag.corpus_split(root, "test")
     audio = ag.load_audio_model(cfg.checkpoint, "cpu") if parts & {"held-out", "speed"} else None
     if "held-out" in parts:
@@ -279,6 +399,8 @@ def main() -> None:
         long_input(cfg, val)
     if "speed" in parts:
         speed(audio, val[0])
+    if "vae" in parts:
+        vae_benchmark(cfg, train, train_sources, val, val_sources)
     print(f"\nbenchmark wall time: {(time.perf_counter() - start) / 60:.1f} min")
 
 

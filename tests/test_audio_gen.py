@@ -396,3 +396,78 @@ def test_a_long_input_is_reconstructed_in_cross_faded_chunks(trained, tmp_path):
     ag.reconstruct_file(Identity(checkpoint, torch.device("cpu")), tmp_path / "out" / "long_original_16k.wav",
                         tmp_path / "identity.wav", cfg)
     assert np.abs(sf.read(tmp_path / "identity.wav", dtype="float32")[0] - original).max() < 2 / 2**15
+
+
+# ----------------------------------------------------------------------------
+# The VAE: training, reconstruction, sampling, interpolation
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory) -> Path:
+    """A tiny VAE trained with the default paths, in its own working folder."""
+    work = tmp_path_factory.mktemp("vae")
+    ok(run("--mode", "train", "--model", "vae", "--epochs", "2", "--kl_warmup_steps", "2", *TINY, cwd=work))
+    return work
+
+
+def test_a_tiny_vae_trains_with_a_finite_positive_kl(vae):
+    ckpt = torch.load(vae / "models" / "audio_vae.pt", weights_only=True)
+    assert ckpt["config"]["model"] == "vae" and ckpt["config"]["kl_weight"] == 0.01
+    history = ckpt["history"]
+    assert all(np.isfinite(history[k]).all() and min(history[k]) > 0 for k in ("train_kl", "val_kl_nats", "train_recon"))
+    latent = json.loads((vae / "results" / "audio_metrics.json").read_text())["train"]["latent"]
+    assert latent["kl_nats_per_latent_frame"] > 0 and latent["latent_dim"] == 64
+    assert latent["kl_bits_per_second"] == pytest.approx(
+        latent["kl_nats_per_latent_frame"] / np.log(2) * 16_000 / 313 / 16)
+    assert 0 < latent["active_channels"] <= 64
+    assert (vae / "results" / "training_curves.png").stat().st_size > 10_000
+
+
+def test_vae_infers_from_the_posterior_mean_and_samples_clips_of_the_asked_length(vae, tmp_path):
+    ok(run("--mode", "infer", "--model", "vae", "--results_dir", str(tmp_path / "infer"), cwd=vae))
+    metrics = json.loads((tmp_path / "infer" / "audio_metrics.json").read_text())["infer"]
+    assert metrics["checkpoint"].endswith("audio_vae.pt") and np.isfinite(metrics["mel"]["mse"])
+    proc = ok(run("--mode", "sample", "--num_samples", "3", "--seconds", "2", "--results_dir", str(tmp_path / "s"), cwd=vae))
+    assert "wrote 3 clips" in proc.stdout
+    for i in range(3):
+        wav, rate = sf.read(tmp_path / "s" / f"vae_sample_{i:02d}.wav")
+        assert rate == 16_000 and wav.shape == (32_000,) and np.isfinite(wav).all() and np.abs(wav).max() > 1e-3
+    assert not (tmp_path / "s" / "vae_sample_03.wav").exists()
+    assert (tmp_path / "s" / "vae_samples.png").stat().st_size > 10_000
+
+
+def test_interpolation_ends_at_the_two_posterior_mean_reconstructions(vae, tmp_path):
+    audio = ag.load_audio_model(vae / "models" / "audio_vae.pt", device="cpu", model="vae")
+    t = torch.arange(2 * 16_000) / 16_000
+    a = 0.2 * torch.sin(2 * np.pi * 220 * t)
+    b = 0.02 * torch.sin(2 * np.pi * 660 * t) + 0.01 * torch.randn(len(t) + 500, generator=torch.Generator().manual_seed(0))[: len(t)]
+    walk = audio.interpolate(a, b, steps=4, griffin_lim_iters=4)
+    assert walk["mel_hat"].shape[0] == walk["wav_hat"].shape[0] == 5 and walk["wav_hat"].shape[1] == len(t)
+    for step, wav in ((0, a), (4, b)):
+        alone = audio.reconstruct(wav, griffin_lim_iters=4)
+        assert torch.allclose(walk["mel_hat"][step], alone["mel_hat"], atol=1e-4), step
+    assert not torch.allclose(walk["mel_hat"][2], walk["mel_hat"][0], atol=1e-2)  # the middle is neither end
+    sf.write(tmp_path / "a.wav", a.numpy(), 16_000), sf.write(tmp_path / "b.wav", b.numpy(), 16_000)
+    ok(run("--mode", "interpolate", "--checkpoint", str(audio.checkpoint), "--input", "a.wav", "--input_b", "b.wav",
+           "--steps", "3", "--results_dir", "w", cwd=tmp_path))
+    wav, _ = sf.read(tmp_path / "w" / "vae_interpolation.wav")
+    assert wav.shape == (4 * 32_000 + 3 * 4_000,)  # four steps with a quarter second between them
+    assert (tmp_path / "w" / "vae_interpolation.png").stat().st_size > 10_000
+
+
+def test_a_vae_started_from_an_autoencoder_reconstructs_as_it_does(trained):
+    ae = ag.load_audio_model(trained / "models" / "audio_autoencoder.pt", device="cpu")
+    vae_model = ag.AudioVAE(128, 64, 32)
+    ag.load_weights(vae_model, ae.model.state_dict(), ae.checkpoint)
+    mel = torch.randn(2, 128, 64)
+    assert torch.allclose(vae_model.eval()(mel), ae.model(mel), atol=1e-5)
+    _, kl = vae_model.train()(mel, sample=True)
+    assert kl.shape == (2, 64, 4) and (kl >= 0).all()
+
+
+def test_sample_and_interpolate_refuse_an_autoencoder(trained, tmp_path):
+    checkpoint = str(trained / "models" / "audio_autoencoder.pt")
+    sf.write(tmp_path / "a.wav", 0.1 * np.sin(np.arange(16_000) / 5), 16_000)
+    for args in (["--mode", "sample"], ["--mode", "interpolate", "--input", "a.wav", "--input_b", "a.wav"]):
+        proc = run(*args, "--checkpoint", checkpoint, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "autoencoder" in proc.stderr, proc.stderr
+    assert not (tmp_path / "results").exists()
