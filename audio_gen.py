@@ -35,6 +35,7 @@ import os
 import random
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import BinaryIO, Callable, NamedTuple
 
@@ -181,8 +182,10 @@ class Range(NamedTuple):
 
     def check(self, name: str, value: float) -> None:
         if not (math.isfinite(value) and (value > self.low if self.low_open else value >= self.low) and value <= self.high):
-            bounds = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
-            raise UsageError(f"--{name} must be a finite number in {bounds}, got {value}")
+            show = lambda x: f"{int(x):,}" if float(x).is_integer() else f"{x:g}"  # noqa: E731
+            bounds = f"{'(' if self.low_open else '['}{show(self.low)}, {show(self.high)}]"
+            what = "a whole number" if isinstance(value, int) else "a finite number"
+            raise UsageError(f"--{name} must be {what} in {bounds}, got {value}")
 
 
 # Every number a user types, with the range where it means something and whose cost stays sane on one machine.
@@ -266,8 +269,8 @@ def check_writable_dir(path: str | Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
     try:
         tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: {existing} is not writable ({e.strerror})") from None
+    except OSError:
+        raise UsageError(f"{flag} {path}: {existing} is not writable") from None
 
 
 # ----------------------------------------------------------------------------
@@ -1465,19 +1468,33 @@ def load_checkpoint(path: Path, resume: bool = False, model: str | None = None) 
     if path.is_dir():
         raise UsageError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
-        raise UsageError(f"no checkpoint at {path} (train first: python audio_gen.py --mode train)")
+        raise UsageError(f"no checkpoint at {path} (train first: python audio_gen.py --mode train"
+                         f"{' --model vae' if model == 'vae' else ''})")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickles: the one line below says enough
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types (pickle, zip, runtime) for a damaged file
-        raise UsageError(f"checkpoint {path} is not readable ({type(e).__name__}); it may be corrupt or not a "
-                         f"checkpoint") from None
+        raise UsageError(f"checkpoint {path} is not readable ({type(e).__name__}); it may be truncated, or a pickle "
+                         f"that is not plain weights (nothing in it was run)") from None
     required = {"model", "epoch", "config", "normalisation"}
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "audio_autoencoder" or not required <= ckpt.keys() \
-            or not isinstance(ckpt["config"], dict):
-        raise UsageError(f"checkpoint {path} is not an audio_gen.py checkpoint")
-    if ckpt.get("format_version") != FORMAT_VERSION:
-        raise UsageError(f"checkpoint {path} has format version {ckpt.get('format_version')} (an older audio_gen.py); "
-                         f"this script reads version {FORMAT_VERSION}: train a new one")
+    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if kind != "audio_autoencoder" or not required <= ckpt.keys() or not isinstance(ckpt["config"], dict):
+        found = f" (its kind is {kind!r})" if isinstance(kind, str) else ""
+        raise UsageError(f"checkpoint {path} is not an audio_gen.py checkpoint{found}")
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        age = "a newer" if isinstance(version, int) and version > FORMAT_VERSION else "an older"
+        raise UsageError(f"checkpoint {path} has format version {version} ({age} audio_gen.py); "
+                         f"this script reads version {FORMAT_VERSION}")
+    config = ckpt["config"]
+    for name in ("n_mels", "latent_dim", "hidden_channels"):  # a doctored config must not build a giant model
+        bounds = FLAG_RANGES[name]
+        if not isinstance(config.get(name), int) or not bounds.low <= config[name] <= bounds.high:
+            raise UsageError(f"checkpoint {path}: its config has {name} {config.get(name)!r}, outside "
+                             f"[{bounds.low:g}, {bounds.high:g}]")
+    if config.get("model", "ae") not in CHECKPOINT_NAMES:
+        raise UsageError(f"checkpoint {path}: its config has model {config['model']!r}, not one of {', '.join(CHECKPOINT_NAMES)}")
     if resume and not {"optimizer", "scheduler", "history"} <= ckpt.keys():
         raise UsageError(f"checkpoint {path} holds weights only (no optimizer state): it can be used for infer, not --resume")
     if model is not None and model_kind(ckpt) != model:
@@ -1825,9 +1842,9 @@ def sample(cfg: argparse.Namespace) -> None:
 
 def interpolate(cfg: argparse.Namespace) -> None:
     """Walk from --input to --input_b in --steps through the VAE's latent space: one WAV of the walk, one PNG strip."""
+    wavs = [decode_audio(path, name=str(path))[: round(cfg.seconds * SAMPLE_RATE)] for path in (cfg.input, cfg.input_b)]
     audio = load_audio_model(cfg.checkpoint, cfg.device, model="vae")
     announce(audio)
-    wavs = [decode_audio(path, name=str(path))[: round(cfg.seconds * SAMPLE_RATE)] for path in (cfg.input, cfg.input_b)]
     walk = audio.interpolate(*wavs, cfg.steps, cfg.seed, cfg.griffin_lim_iters, cfg.inverse)
     gap = torch.zeros(SAMPLE_RATE // 4)  # a quarter second of silence between steps
     results = Path(cfg.results_dir)

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -206,6 +207,16 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert (tmp_path / "results" / "training_curves.png").exists()
 
 
+class PlantedCode:
+    """Unpickling this would create a marker file: a checkpoint that tries to run code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
 def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
     """Each case writes its bad file under tmp and returns the CLI arguments that must be refused."""
     sf.write(tmp / "empty.wav", np.zeros((0, 1)), 16_000)
@@ -213,53 +224,115 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
     sf.write(tmp / "short.wav", 0.3 * np.random.default_rng(0).standard_normal(3_000), 16_000)
     sf.write(tmp / "nan.wav", np.r_[0.3 * np.random.default_rng(0).standard_normal(32_000), np.nan, np.inf], 16_000,
              subtype="FLOAT")
+    sf.write(tmp / "good.wav", 0.3 * np.sin(np.arange(16_000) / 5), 16_000)
     (tmp / "garbage.wav").write_bytes(b"RIFF not really a wave file")
     (tmp / "corrupt.pt").write_bytes(b"\x80\x02 torn checkpoint")
+    (tmp / "truncated.pt").write_bytes(good_ckpt.read_bytes()[: good_ckpt.stat().st_size // 2])
+    good = torch.load(good_ckpt, weights_only=True)
     torch.save({"kind": "ddpm", "format_version": 1, "model": {}}, tmp / "foreign.pt")
-    torch.save({**torch.load(good_ckpt, weights_only=True), "format_version": 2}, tmp / "old.pt")
+    torch.save({**good, "format_version": 2}, tmp / "old.pt")
+    torch.save({**good, "format_version": 99}, tmp / "future.pt")
+    torch.save({**good, "config": {**good["config"], "hidden_channels": 10**9}}, tmp / "doctored.pt")
+    torch.save(PlantedCode(tmp / "marker"), tmp / "planted.pt")
+    (tmp / "planted.pkl").write_bytes(pickle.dumps(PlantedCode(tmp / "marker")))
     (tmp / "no_audio").mkdir()
     (tmp / "no_audio" / "notes.txt").write_text("no audio here")
+    (tmp / "a_file").write_text("not a folder")
     infer = ["--mode", "infer", "--checkpoint", str(good_ckpt)]
     train = ["--mode", "train", "--checkpoint", str(good_ckpt)]
+    walk = ["--mode", "interpolate", "--input", str(tmp / "good.wav"), "--input_b", str(tmp / "good.wav")]
     return {
+        # checkpoints
         "missing checkpoint": ["--mode", "infer", "--checkpoint", str(tmp / "absent.pt")],
         "corrupt checkpoint": ["--mode", "infer", "--checkpoint", str(tmp / "corrupt.pt")],
+        "truncated checkpoint": ["--mode", "infer", "--checkpoint", str(tmp / "truncated.pt")],
         "incompatible checkpoint": ["--mode", "infer", "--checkpoint", str(tmp / "foreign.pt")],
+        "image_gen.py's checkpoint": ["--mode", "infer", "--checkpoint", str(ROOT / "models" / "pretrained" / "diffusion_model.pt")],
         "checkpoint of an older format": ["--mode", "infer", "--checkpoint", str(tmp / "old.pt")],
+        "checkpoint of a future format": ["--mode", "infer", "--checkpoint", str(tmp / "future.pt")],
+        "checkpoint with a doctored config": ["--mode", "infer", "--checkpoint", str(tmp / "doctored.pt")],
+        "checkpoint that runs code (torch zip)": ["--mode", "infer", "--checkpoint", str(tmp / "planted.pt")],
+        "checkpoint that runs code (plain pickle)": ["--mode", "infer", "--checkpoint", str(tmp / "planted.pkl")],
+        "an autoencoder where a VAE is needed": ["--mode", "sample", "--checkpoint", str(good_ckpt)],
+        "checkpoint that is a folder": ["--mode", "infer", "--checkpoint", str(tmp / "no_audio")],
+        "training checkpoint that is a folder": ["--mode", "train", "--checkpoint", str(tmp / "no_audio")],
+        "training checkpoint in an unwritable folder": ["--mode", "train", "--checkpoint", "/proc/iag/model.pt"],
         "resume from incompatible checkpoint": ["--mode", "train", "--resume", "--epochs", "5", "--checkpoint", str(tmp / "foreign.pt")],
+        "init from a folder": [*train, "--init_from", str(tmp / "no_audio")],
+        # audio
         "unreadable audio": [*infer, "--input", str(tmp / "garbage.wav")],
         "missing audio": [*infer, "--input", str(tmp / "absent.wav")],
+        "audio that is a folder": [*infer, "--input", str(tmp / "no_audio")],
         "empty audio": [*infer, "--input", str(tmp / "empty.wav")],
         "silent audio": [*infer, "--input", str(tmp / "silent.wav")],
         "too-short audio": [*infer, "--input", str(tmp / "short.wav")],
         "non-finite audio": [*infer, "--input", str(tmp / "nan.wav")],
+        "non-finite audio to walk from": [*walk[:3], str(tmp / "nan.wav"), *walk[4:]],
+        "interpolation without its second file": walk[:4],
+        # data
         "corpus folder never rendered": [*train, "--corpus_dir", str(tmp / "no_audio")],
         "unknown corpus source": [*train, "--corpus_dir", str(tmp / "no_audio"), "--corpus_mix", "speech=1,jazz=1"],
+        "NaN corpus share": [*train, "--corpus_dir", str(tmp / "no_audio"), "--corpus_mix", "speech=nan"],
         "corpus mode without a folder": ["--mode", "corpus"],
+        "corpus folder that is a file": ["--mode", "corpus", "--corpus_dir", str(tmp / "a_file")],
         "NaN corpus size": ["--mode", "corpus", "--corpus_dir", str(tmp / "c"), "--corpus_minutes", "nan"],
         "folder with no audio": [*train, "--audio_dir", str(tmp / "no_audio")],
+        # results folder
+        "results folder that is a file": [*infer, "--results_dir", str(tmp / "a_file")],
+        "results folder under a file": [*infer, "--results_dir", str(tmp / "a_file" / "results")],
+        "results folder that cannot be written": [*infer, "--results_dir", "/proc/iag_results"],
+        # numbers: finite and in range
         "zero epochs": [*train, "--epochs", "0"],
+        "billions of epochs": [*train, "--epochs", "2000000000"],
         "negative batch size": [*train, "--batch_size", "-4"],
         "zero mel bins": [*train, "--n_mels", "0"],
         "zero latent channels": [*train, "--latent_dim", "0"],
         "zero learning rate": [*train, "--learning_rate", "0"],
+        "NaN learning rate": [*train, "--learning_rate", "nan"],
+        "infinite learning rate": [*train, "--learning_rate", "inf"],
+        "NaN weight decay": [*train, "--weight_decay", "nan"],
+        "negative KL weight": [*train, "--model", "vae", "--kl_weight", "-1"],
+        "NaN free bits": [*train, "--model", "vae", "--free_bits", "nan"],
+        "negative seed": [*infer, "--seed", "-1"],
+        "a million Griffin-Lim iterations": [*infer, "--griffin_lim_iters", "1000000"],
+        "NaN temperature": ["--mode", "sample", "--temperature", "nan"],
+        "clips shorter than one analysis window": ["--mode", "sample", "--seconds", "0.01"],
+        "billions of samples": ["--mode", "sample", "--num_samples", "2000000000"],
+        "hours of samples": ["--mode", "sample", "--num_samples", "1000", "--seconds", "60"],
+        "zero interpolation steps": [*walk, "--steps", "0"],
+        "not a number": [*train, "--epochs", "many"],
     }
 
 
-def test_bad_inputs_exit_2_with_one_line_and_keep_the_checkpoint(trained, tmp_path):
+def test_bad_inputs_exit_2_with_one_line_and_keep_everything(trained, tmp_path, capsys):
+    """Every case through main(), as the CLI runs it: exit 2, one "error:" line, no traceback, nothing written or
+    changed, no planted code run."""
     good = tmp_path / "good.pt"
     good.write_bytes((trained / "models" / "audio_autoencoder.pt").read_bytes())
     cases = _bad_inputs(tmp_path, good)
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
     snapshot = {p: p.read_bytes() for p in files}
     for name, args in cases.items():
-        proc = run(*args, "--results_dir", str(tmp_path / "results"), cwd=tmp_path)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2, (name, proc.stderr[-2000:])
-        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, (name, proc.stderr)
+        argv = args if "--results_dir" in args else [*args, "--results_dir", str(tmp_path / "results")]
+        with pytest.raises(SystemExit) as exit_:
+            ag.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
         for p, content in snapshot.items():
             assert p.read_bytes() == content, (name, p)  # nothing saved is lost or altered
+        assert not (tmp_path / "marker").exists(), name  # the planted code never ran
     assert not (tmp_path / "results").exists()  # refused runs write nothing
+
+
+def test_the_cli_refuses_non_finite_audio_with_one_line(trained, tmp_path):
+    """The issue's example through a real process: exit status 2, one line, no traceback, no output file."""
+    sf.write(tmp_path / "nan.wav", np.r_[0.3 * np.random.default_rng(0).standard_normal(32_000), np.nan], 16_000, subtype="FLOAT")
+    proc = run("--mode", "infer", "--input", "nan.wav", "--checkpoint", str(trained / "models" / "audio_autoencoder.pt"),
+               cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "NaN" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
 
 
 def test_synthetic_stems_are_deterministic_and_sum_to_the_mixture():
