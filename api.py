@@ -1,4 +1,4 @@
-"""REST API for both models: MNIST digits from image_gen.py, audio through audio_gen.py's autoencoder.
+"""REST API for both models: MNIST digits from image_gen.py, audio through audio_gen.py's autoencoder and VAE.
 
 The server holds only what serving needs: settings, limits, error mapping, one queue per model and
 the routes. Loading a checkpoint, sampling and reconstructing are the scripts' own inference
@@ -14,6 +14,8 @@ takes too, so the API answers what the CLI would.
     curl -s 127.0.0.1:8000/v1/images/generate -H 'Accept: image/png' -H 'Content-Type: application/json' \
         -d '{"digit": 7, "num_samples": 4}' -o sevens.png
     curl -s 127.0.0.1:8000/v1/audio/reconstruct -F file=@speech.wav -F griffin_lim_iters=32 -o rec.wav
+    curl -s 127.0.0.1:8000/v1/audio/sample -H 'Accept: audio/wav' -H 'Content-Type: application/json' \
+        -d '{"num_samples": 1, "seconds": 5}' -o sample.wav            # where a VAE checkpoint is served
 
 Each worker process loads its own models and keeps no per-client state, so `--workers N` or
 replicas behind any load balancer serve more clients (docs/serving.md: how, and the memory a
@@ -63,13 +65,37 @@ MAX_NUM_SAMPLES = 100
 MAX_STEPS = 1000
 MAX_SAMPLE_STEPS = 10_000  # num_samples x network steps: ~10 s of U-Net on one CPU thread (DDIM-50: 50 ms/image)
 DDPM_STEPS = 1000  # ancestral sampling walks every timestep T of the shipped model, whatever `steps` says
-MAX_GUIDANCE_SCALE = 20.0
-MAX_GRIFFIN_LIM_ITERS = 256
+# The same limits as the scripts' flags, read from their tables rather than copied
+GUIDANCE = image_gen.LIMITS["guidance_scale"]
+ETA, DIGIT, SEED = image_gen.LIMITS["eta"], image_gen.LIMITS["digit"], image_gen.LIMITS["seed"]
+MAX_GUIDANCE_SCALE = GUIDANCE.high
+AUDIO_LIMITS = audio_gen.LIMITS if hasattr(audio_gen, "LIMITS") else {  # before audio_gen moved to image_gen's Bounds
+    name: image_gen.Bounds(number, audio_gen.FLAG_RANGES[name].low, audio_gen.FLAG_RANGES[name].high)
+    for name, number in (("temperature", float), ("seconds", float), ("seed", int))}
+TEMPERATURE, CLIP_SECONDS, AUDIO_SEED = AUDIO_LIMITS["temperature"], AUDIO_LIMITS["seconds"], AUDIO_LIMITS["seed"]
+MAX_GRIFFIN_LIM_ITERS = 256  # tighter than audio_gen's 1000: 30 s at 256 iterations is ~26 s on one CPU thread
 MAX_UPLOAD_MB = 10  # also .streamlit/config.toml's server.maxUploadSize, so the web app refuses what the API does
 MAX_AUDIO_SECONDS = 30.0
+# The VAE: what a sample or a walk may produce, in total, is what the longest reconstruction may (30 s of audio)
+MAX_AUDIO_SAMPLES = 16
+MAX_INTERPOLATION_STEPS = 16
+MAX_GENERATED_SECONDS = MAX_AUDIO_SECONDS  # num_samples x seconds, or (steps + 1) x the walk's clip length
+CLIP_GAP_SECONDS = 0.25  # several clips as one audio/wav: this much silence between them, as vae_interpolation.wav
+VAE_PRIORS = ("mixture", "standard")
+NO_CHECKPOINT = "none"  # --vae_checkpoint none: serve no VAE even where one exists
 DEFAULT_SAMPLER = {"diffusion": "ddim", "gan": "gan"}
 AUDIO_FORMATS = "wav, flac or ogg (anything libsndfile reads)"
 LOOPBACK_NAMES = {"localhost"}
+Bounds = image_gen.Bounds
+FLAG_LIMITS = {  # api.py's own numeric flags; each refused in one line with exit 2 outside its range
+    "port": Bounds(int, 1, 65535),
+    "workers": Bounds(int, 1, 64, why="each worker loads its own copy of the models, about 0.5 GB"),
+    "torch_threads": Bounds(int, 1, 256),
+    "queue_size": Bounds(int, 0, 1000, why="each waiting request holds its body in memory"),
+    "deadline_s": Bounds(float, 0, 3600, open_low=True),
+    "max_upload_mb": Bounds(float, 0, 1000, open_low=True, why="a body is held in memory while it is decoded"),
+}
+CHECKPOINT_FLAGS = ("image_checkpoint", "gan_checkpoint", "audio_checkpoint", "vae_checkpoint")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,7 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--image_checkpoint", default=env("image_checkpoint", None), help="image_gen.py diffusion checkpoint")
     g.add_argument("--gan_checkpoint", default=env("gan_checkpoint", None),
                    help="image_gen.py GAN checkpoint (served as model 'gan' when one loads)")
-    g.add_argument("--audio_checkpoint", default=env("audio_checkpoint", None), help="audio_gen.py checkpoint")
+    g.add_argument("--audio_checkpoint", default=env("audio_checkpoint", None),
+                   help="audio_gen.py checkpoint for /v1/audio/reconstruct (an autoencoder or a VAE)")
+    g.add_argument("--vae_checkpoint", default=env("vae_checkpoint", None),
+                   help="audio_gen.py --model vae checkpoint for /v1/audio/sample and /interpolate (default: "
+                        "models/audio_vae.pt, else models/pretrained/audio_vae.pt, served when one exists; "
+                        f"'{NO_CHECKPOINT}': no VAE)")
     g.add_argument("--device", default=env("device", None), help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--torch_threads", type=int, default=env("torch_threads", "1"),
                    help="torch intra-op threads per worker process")
@@ -108,19 +139,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """One sentence and exit 2 for a setting that cannot work, before any model loads."""
-    if not 0 < args.port < 65536:
-        p.error(f"--port must be between 1 and 65535, got {args.port}")
-    for name in ("workers", "torch_threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.queue_size < 0:
-        p.error(f"--queue_size must be 0 or more, got {args.queue_size}")
-    for name in ("deadline_s", "max_upload_mb"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            p.error(f"--{name} must be a positive number, got {getattr(args, name)}")
-    for name in ("image_checkpoint", "gan_checkpoint", "audio_checkpoint"):
-        if getattr(args, name) and not Path(getattr(args, name)).is_file():
-            p.error(f"--{name} {getattr(args, name)} is not a file")
+    for name, bounds in FLAG_LIMITS.items():
+        value = getattr(args, name)
+        if value not in bounds:
+            why = f" ({bounds.why})" if bounds.why and math.isfinite(value) and value > bounds.high else ""
+            kind = "a whole" if bounds.number is int else "a finite"
+            p.error(f"--{name} must be {kind} number {bounds.describe()}{why}, got {value}")
+    for origin in filter(None, args.cors_origins.split(",")):
+        if origin != "*" and not (origin.startswith(("http://", "https://")) and "/" not in origin.split("://")[1]):
+            p.error(f"--cors_origins: {origin!r} is not an origin like http://127.0.0.1:8501 (scheme://host[:port])")
+    for name in CHECKPOINT_FLAGS:
+        path = getattr(args, name)
+        if not path or (name == "vae_checkpoint" and path.lower() == NO_CHECKPOINT):
+            continue
+        if Path(path).is_dir():
+            p.error(f"--{name} {path} is a folder, not a checkpoint file")
+        if not Path(path).is_file():
+            p.error(f"--{name} {path} is not a file (no such checkpoint)")
+        try:
+            Path(path).open("rb").close()
+        except OSError as error:
+            p.error(f"--{name} {path} cannot be read ({error.strerror})")
     args.token = os.environ.get("IAG_API_TOKEN") or None  # a secret: never a flag, where `ps` would show it
     return args
 
@@ -140,6 +179,9 @@ def exposure_warning(host: str) -> str | None:
 # ----------------------------------------------------------------------------
 # Problems (RFC 9457): every error is {type, title, status, detail} as application/problem+json
 # ----------------------------------------------------------------------------
+FASTAPI_UNPARSED = "There was an error parsing the body"  # FastAPI's 400 for a body its JSON decoder raised on
+
+
 class Problem(HTTPException):
     """An HTTP error with a one-sentence detail; also raised from inside body parsing (413), which FastAPI
     passes through because it is an HTTPException."""
@@ -156,6 +198,8 @@ def problem_response(status: int, detail: str, headers: dict[str, str] | None = 
 
 async def on_http_error(request: Request, error: HTTPException) -> Response:
     """404, 405, 401 and every Problem raised by this file."""
+    if error.status_code == 400 and error.detail == FASTAPI_UNPARSED:  # e.g. a number past Python's 4300 digits
+        return problem_response(422, "the body could not be parsed: send JSON with numbers of at most 4300 digits")
     return problem_response(error.status_code, str(error.detail), error.headers, **getattr(error, "extensions", {}))
 
 
@@ -261,7 +305,8 @@ class ModelLane:
 # Loading: the scripts' inference surfaces, once per process
 # ----------------------------------------------------------------------------
 def load_models(args: argparse.Namespace) -> dict[str, Any]:
-    """{"images": {"diffusion": ImageGenerator, ["gan": ...]}, "audio": AudioModel}; runs on a thread at startup."""
+    """{"images": {"diffusion": ImageGenerator, ["gan": ...]}, "audio": AudioModel, "vae": AudioModel or None};
+    runs on a thread at startup."""
     device = args.device
     images = {"diffusion": image_gen.load_image_generator(args.image_checkpoint, model="diffusion", device=device)}
     try:
@@ -271,45 +316,79 @@ def load_models(args: argparse.Namespace) -> dict[str, Any]:
             raise
         log.info("no GAN served: %s", error)  # no GAN checkpoint trained or shipped yet
     audio = audio_gen.load_audio_model(args.audio_checkpoint, device=device)
+    vae = load_vae(args.vae_checkpoint, device)
     # One tiny call of each, so the first client does not pay for lazy imports and first-call allocations.
     for generator in images.values():
         grid_u8(generator.generate(1, sampler=DEFAULT_SAMPLER[generator.kind], steps=1), None, False)
     tone = torch.sin(torch.arange(audio.sample_rate) * 0.05) * 0.1  # 1 s of a 127 Hz tone
     wav_bytes(audio.reconstruct(tone, griffin_lim_iters=1)["wav_hat"], audio.sample_rate)
-    return {"images": images, "audio": audio}
+    if vae is not None:
+        wav_bytes(vae.sample(1, seconds=CLIP_SECONDS.low, griffin_lim_iters=1)["wav_hat"][0], vae.sample_rate)
+    return {"images": images, "audio": audio, "vae": vae}
 
 
-def check_checkpoints(args: argparse.Namespace) -> None:
+def load_vae(checkpoint: str | None, device: str | None) -> audio_gen.AudioModel | None:
+    """The VAE named, else the one --mode sample picks when it exists, else None (no VAE trained or shipped).
+    Like the GAN it is optional: a default file that does not load is logged and skipped; a named one raises."""
+    if checkpoint is not None and checkpoint.lower() == NO_CHECKPOINT:
+        return None
+    if checkpoint is None and not audio_gen.default_checkpoint(None, "vae").exists():
+        log.info("no VAE served: no %s trained or shipped", audio_gen.CHECKPOINT_NAMES["vae"])
+        return None
+    try:
+        return audio_gen.load_audio_model(checkpoint, device=device, model="vae")
+    except audio_gen.UsageError as error:
+        if checkpoint:
+            raise
+        log.warning("no VAE served: %s", error)
+        return None
+
+
+def check_startup(args: argparse.Namespace) -> None:
     """Load each checkpoint named by a flag once on the CPU, so that one from the other script, a truncated one or
-    one of a future format stops `python api.py` with one line, not a server that never becomes ready."""
+    one of a future format stops `python api.py` with one line, not a server that never becomes ready; the same for
+    a --device that does not exist here."""
+    audio_gen.resolve_device(args.device)
     if args.image_checkpoint:
         image_gen.load_image_generator(args.image_checkpoint, model="diffusion", device="cpu")
     if args.gan_checkpoint:
         image_gen.load_image_generator(args.gan_checkpoint, model="gan", device="cpu")
     if args.audio_checkpoint:
         audio_gen.load_audio_model(args.audio_checkpoint, device="cpu")
+    if args.vae_checkpoint and args.vae_checkpoint.lower() != NO_CHECKPOINT:
+        audio_gen.load_audio_model(args.vae_checkpoint, device="cpu", model="vae")
 
 
 # ----------------------------------------------------------------------------
 # Request and response schemas (their limits are the OpenAPI schema's)
 # ----------------------------------------------------------------------------
+def within(bounds: Bounds) -> dict[str, Any]:
+    """A script's range (image_gen's or audio_gen's Bounds) as pydantic's Field bounds, which the schema shows;
+    floats must be finite."""
+    low = {"gt": bounds.low} if bounds.open_low else {"ge": bounds.low}
+    high = {} if bounds.high == math.inf else {"lt": bounds.high} if bounds.open_high else {"le": bounds.high}
+    if bounds.number is int:
+        return {k: int(v) for k, v in {**low, **high}.items()}
+    return {**low, **high, "allow_inf_nan": False}
+
+
 class ImageRequest(BaseModel):
     """What to draw. The work is bounded: num_samples x network steps <= 10,000, where ddpm counts 1000 steps
     (all of T) and the GAN one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no true for 1, no 2.5 for an int
     model: Literal["diffusion", "gan"] = Field("diffusion", description="which image model draws")
-    digit: int | None = Field(None, ge=0, le=9, description="draw only this digit; null: 0-9 in equal shares")
+    digit: int | None = Field(None, **within(DIGIT), description="draw only this digit; null: 0-9 in equal shares")
     num_samples: int = Field(1, ge=1, le=MAX_NUM_SAMPLES, description="images to draw")
     sampler: Literal["ddpm", "ddim", "dpmpp", "gan"] | None = Field(
         None, description="ddpm (all 1000 steps), ddim or dpmpp (`steps` steps); gan for the GAN; null: ddim / gan")
     steps: int = Field(image_gen.DEFAULT_STEPS, ge=1, le=MAX_STEPS, description="network steps of ddim and dpmpp")
     guidance_scale: float | None = Field(
-        None, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
+        None, **within(GUIDANCE),
         description=f"classifier-free guidance w; 1 = plain conditional; null: {image_gen.DEFAULT_GUIDANCE} for "
                     "diffusion, as image_gen.py's default (every --digit read as asked), 1 for the GAN")
-    eta: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="DDIM noise: 0 deterministic, 1 DDPM-like")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="the same seed and settings give the same images")
+    eta: float = Field(0.0, **within(ETA), description="DDIM noise: 0 deterministic, 1 DDPM-like")
+    seed: int = Field(0, **within(SEED), description="the same seed and settings give the same images")
 
     @model_validator(mode="after")
     def bounded_work(self) -> Self:
@@ -329,6 +408,31 @@ class ImageRequest(BaseModel):
         return {"ddpm": DDPM_STEPS, "gan": 1}.get(self.sampler, self.steps)
 
 
+class AudioSampleRequest(BaseModel):
+    """What the VAE draws. The work is bounded: num_samples x seconds <= 30 s of audio, the longest upload
+    /v1/audio/reconstruct takes."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # no true for 1, no 2.5 for an int
+    num_samples: int = Field(1, ge=1, le=MAX_AUDIO_SAMPLES, description="clips to draw")
+    seconds: float = Field(5.0, ge=CLIP_SECONDS.low, le=MAX_AUDIO_SECONDS, allow_inf_nan=False,
+                           description="length of each clip")
+    temperature: float = Field(1.0, **within(TEMPERATURE),
+                               description="scales the prior's spread: 0 its means, 1 as trained, above 1 wilder")
+    prior: Literal["mixture", "standard"] | None = Field(
+        None, description="mixture: the clip-mixture prior learned at training; standard: N(0, I) per latent frame; "
+                          "null: mixture where the checkpoint has one, else standard")
+    seed: int = Field(0, **within(AUDIO_SEED), description="the same seed and settings give the "
+                                                                               "same clips")
+    griffin_lim_iters: int = Field(32, ge=1, le=MAX_GRIFFIN_LIM_ITERS, description="Griffin-Lim iterations")
+
+    @model_validator(mode="after")
+    def bounded_work(self) -> Self:
+        if self.num_samples * self.seconds > MAX_GENERATED_SECONDS:
+            raise ValueError(f"num_samples x seconds = {self.num_samples} x {self.seconds:g} s exceeds "
+                             f"{MAX_GENERATED_SECONDS:g} s of audio")
+        return self
+
+
 class Timing(BaseModel):
     queue_s: float = Field(description="waiting for the model")
     model_s: float = Field(description="the model's own work")
@@ -345,16 +449,40 @@ class ImageResponse(BaseModel):
     timing: Timing
 
 
+class AudioClipsResponse(BaseModel):
+    sample_rate: int
+    clip_seconds: float = Field(description="the length of each clip")
+    seed: int
+    prior: str | None = Field(None, description="sample: the prior drawn from")
+    temperature: float | None = Field(None, description="sample: the prior's temperature")
+    t: list[float] | None = Field(None, description="interpolate: each clip's place on the walk, 0 (a) to 1 (b)")
+    wavs: list[str] = Field(description="one base64 WAV (16 kHz mono PCM-16) per clip")
+    timing: Timing
+
+
 class ModelsResponse(BaseModel):
     images: dict[str, dict[str, Any]] = Field(description="kind, checkpoint, sha256, image_size, samplers")
     audio: dict[str, Any] = Field(description="kind, checkpoint, sha256, sample_rate")
+    vae: dict[str, Any] | None = Field(description="kind, checkpoint, sha256, sample_rate, latent_dim, epoch, prior "
+                                                   "(the default), priors; null where no VAE is served")
     limits: dict[str, int | float]
 
 
 def limits(args: argparse.Namespace) -> dict[str, int | float]:
     return {"max_num_samples": MAX_NUM_SAMPLES, "max_steps": MAX_STEPS, "max_sample_steps": MAX_SAMPLE_STEPS,
             "max_griffin_lim_iters": MAX_GRIFFIN_LIM_ITERS, "max_upload_mb": args.max_upload_mb,
-            "max_audio_seconds": MAX_AUDIO_SECONDS, "deadline_s": args.deadline_s, "queue_size": args.queue_size}
+            "max_audio_seconds": MAX_AUDIO_SECONDS, "max_audio_samples": MAX_AUDIO_SAMPLES,
+            "max_interpolation_steps": MAX_INTERPOLATION_STEPS, "max_generated_seconds": MAX_GENERATED_SECONDS,
+            "max_temperature": TEMPERATURE.high, "deadline_s": args.deadline_s, "queue_size": args.queue_size}
+
+
+def describe_vae(vae: audio_gen.AudioModel | None) -> dict[str, Any] | None:
+    if vae is None:
+        return None
+    priors = [name for name in VAE_PRIORS if name != "mixture" or vae.prior is not None]
+    return {"kind": vae.kind, "checkpoint": Path(vae.checkpoint).name, "sha256": vae.sha256, "epoch": vae.epoch,
+            "sample_rate": vae.sample_rate, "latent_dim": vae.config["latent_dim"], "prior": priors[0],
+            "priors": priors, "prior_components": vae.config.get("prior_components", 0) if vae.prior else 0}
 
 
 # ----------------------------------------------------------------------------
@@ -382,6 +510,12 @@ def wav_bytes(wav: torch.Tensor, sample_rate: int) -> bytes:
     return buffer.getvalue()
 
 
+def clips_wav(wavs: torch.Tensor, sample_rate: int) -> bytes:
+    """(N, L) clips as one WAV, CLIP_GAP_SECONDS of silence between them (the CLI's vae_interpolation.wav)."""
+    gap = torch.zeros(round(CLIP_GAP_SECONDS * sample_rate))
+    return wav_bytes(torch.cat([part for wav in wavs for part in (wav, gap)][:-1]), sample_rate)
+
+
 def timing_headers(timing: dict[str, float]) -> dict[str, str]:
     """Server-Timing (milliseconds, what browsers' dev tools show) and the same in seconds as X-Timing-*."""
     headers = {"Server-Timing": ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timing.items())}
@@ -391,16 +525,21 @@ def timing_headers(timing: dict[str, float]) -> dict[str, str]:
 
 def wants_png(accept: str) -> bool:
     """True when the Accept header ranks image/png (or image/*) at least as high as JSON; */* means JSON."""
+    return prefers(accept, "image/png")
+
+
+def prefers(accept: str, media: str) -> bool:
+    """True when the Accept header ranks `media` (or its type/*) at least as high as JSON; */* means JSON."""
     q = {}
     for item in accept.lower().split(","):
-        media, *params = [part.strip() for part in item.split(";")]
+        offered, *params = [part.strip() for part in item.split(";")]
         weight = next((p[2:] for p in params if p.startswith("q=")), "1")
         try:
-            q[media] = float(weight)
+            q[offered] = float(weight) if math.isfinite(float(weight)) else 0.0
         except ValueError:
-            q[media] = 0.0
-    png = max(q.get("image/png", 0), q.get("image/*", 0))
-    return png > 0 and png >= max(q.get("application/json", 0), q.get("application/*", 0))
+            q[offered] = 0.0
+    wanted = max(q.get(media, 0), q.get(media.split("/")[0] + "/*", 0))
+    return wanted > 0 and wanted >= max(q.get("application/json", 0), q.get("application/*", 0))
 
 
 def probe_audio(data: bytes, limit_s: float) -> float:
@@ -433,12 +572,13 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         torch.set_num_threads(args.torch_threads)
-        app.state.lanes = {name: ModelLane(name, args.queue_size) for name in ("diffusion", "gan", "audio")}
+        app.state.lanes = {name: ModelLane(name, args.queue_size) for name in ("diffusion", "gan", "audio", "vae")}
 
         async def load() -> None:
             try:
                 app.state.models = await asyncio.to_thread(load_models, args)
-                log.info("models loaded: %s", ", ".join([*app.state.models["images"], "audio"]))
+                served = [*app.state.models["images"], "audio", *(["vae"] if app.state.models["vae"] else [])]
+                log.info("models loaded: %s", ", ".join(served))
             except Exception as error:  # noqa: BLE001 - the server stays up and /readyz says why
                 app.state.load_error = f"{type(error).__name__}: {error}"
                 log.error("models failed to load: %s", app.state.load_error)
@@ -450,7 +590,8 @@ def create_app(args: argparse.Namespace) -> FastAPI:
             lane.executor.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="ImageAudioGen", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=f"MNIST digits and audio reconstruction. Every request must be answered within "
+                  description=f"MNIST digits, audio reconstruction and, where a VAE is served, audio samples "
+                              f"and interpolation. Every request must be answered within "
                               f"{args.deadline_s:g} s (else 504); bodies over {args.max_upload_mb:g} MB get 413; "
                               f"each model runs one request at a time with {args.queue_size} waiting (else 503).")
     app.state.models, app.state.load_error = None, None  # /readyz answers 503 until the lifespan has loaded them
@@ -462,7 +603,8 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     if args.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=args.cors_origins.split(","), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Accept"],
-                           expose_headers=["Server-Timing", "X-Audio-Duration-Seconds"])
+                           expose_headers=["Server-Timing", "X-Audio-Duration-Seconds", "X-Audio-Clips",
+                                           "X-Audio-Clip-Seconds"])
     app.add_middleware(BodySizeLimit, limit=int(args.max_upload_mb * 1e6))
 
     # Swagger UI from fastapi-offline's copy of its files, not a CDN: /docs works with no network.
@@ -512,7 +654,7 @@ def create_app(args: argparse.Namespace) -> FastAPI:
         audio = models["audio"]
         return ModelsResponse(images=images, audio={"kind": audio.kind, "checkpoint": Path(audio.checkpoint).name,
                                                     "sha256": audio.sha256, "sample_rate": audio.sample_rate},
-                              limits=limits(args))
+                              vae=describe_vae(models["vae"]), limits=limits(args))
 
     @app.post("/v1/images/generate", tags=["images"], dependencies=[Depends(authorised)],
               responses={200: {"content": {"image/png": {}}, "description": "JSON, or a PNG grid with "
@@ -570,6 +712,95 @@ def create_app(args: argparse.Namespace) -> FastAPI:
         return Response(wav, media_type="audio/wav",
                         headers={"X-Audio-Duration-Seconds": f"{seconds:.3f}", **timing_headers(timing)})
 
+    def served_vae(request: Request) -> audio_gen.AudioModel:
+        vae = loaded(request)["vae"]
+        if vae is None:
+            raise Problem(404, "no VAE is served here: train one (python audio_gen.py --mode train --model vae) or "
+                               "start the server with --vae_checkpoint PATH")
+        return vae
+
+    def clips_response(request: Request, wavs: torch.Tensor, sample_rate: int, timing: dict[str, float],
+                       **fields: Any) -> Response:
+        """audio/wav of every clip in a row (CLIP_GAP_SECONDS apart) when the client prefers it, else JSON."""
+        clip_seconds = wavs.shape[-1] / sample_rate
+        if prefers(request.headers.get("accept", ""), "audio/wav"):
+            return Response(clips_wav(wavs, sample_rate), media_type="audio/wav",
+                            headers={"X-Audio-Clips": str(len(wavs)), "X-Audio-Clip-Seconds": f"{clip_seconds:.4f}",
+                                     **timing_headers(timing)})
+        body = AudioClipsResponse(sample_rate=sample_rate, clip_seconds=clip_seconds,
+                                  wavs=[base64.b64encode(wav_bytes(wav, sample_rate)).decode() for wav in wavs],
+                                  timing=Timing(**{f"{name}_s": seconds for name, seconds in timing.items()}),
+                                  **fields)
+        return JSONResponse(body.model_dump(exclude_none=True), headers=timing_headers(timing))
+
+    clips_content = {"application/json": {"schema": {"$ref": "#/components/schemas/AudioClipsResponse"}},
+                     "audio/wav": {}}
+
+    @app.post("/v1/audio/sample", tags=["audio"], dependencies=[Depends(authorised)], response_model=AudioClipsResponse,
+              responses={200: {"content": clips_content,
+                               "description": "JSON with one base64 WAV per clip, or with Accept: audio/wav every "
+                                              f"clip in one WAV, {CLIP_GAP_SECONDS:g} s of silence between them"},
+                         **problems(401, 404, 413, 422, 503, 504)})
+    async def sample_audio(body: AudioSampleRequest, request: Request,
+                           arrived: Annotated[float, Depends(arrival)]) -> Response:
+        """Draw clips from the VAE's prior and invert their mels with Griffin-Lim. JSON by default; `Accept:
+        audio/wav` returns the clips as one WAV (one clip: just that clip), with X-Audio-Clips and
+        X-Audio-Clip-Seconds to split it. 404 where no VAE is served. Limits: num_samples <= 16, seconds 0.5 to 30,
+        num_samples x seconds <= 30 s, temperature 0 to 10."""
+        vae = served_vae(request)
+        prior = body.prior or describe_vae(vae)["prior"]
+        if prior == "mixture" and vae.prior is None:
+            raise Problem(422, f"prior: the served VAE ({Path(vae.checkpoint).name}) has no learned mixture prior; "
+                               f"ask for prior standard")
+        out, timing = await request.app.state.lanes["vae"].run(lambda: vae.sample(
+            body.num_samples, seconds=body.seconds, temperature=body.temperature, seed=body.seed,
+            griffin_lim_iters=body.griffin_lim_iters, prior=prior), arrived, args.deadline_s)
+        timing["total"] = time.monotonic() - arrived
+        return clips_response(request, out["wav_hat"], vae.sample_rate, timing, seed=body.seed, prior=prior,
+                              temperature=body.temperature)
+
+    @app.post("/v1/audio/interpolate", tags=["audio"], dependencies=[Depends(authorised)],
+              response_model=AudioClipsResponse,
+              responses={200: {"content": clips_content,
+                               "description": "JSON with one base64 WAV per step, or with Accept: audio/wav the walk "
+                                              f"as one WAV, {CLIP_GAP_SECONDS:g} s of silence between the steps"},
+                         **problems(401, 404, 413, 415, 422, 503, 504)})
+    async def interpolate_audio(
+            request: Request,
+            a: Annotated[UploadFile, File(description=f"the start of the walk: {AUDIO_FORMATS}, at most "
+                                                      f"{MAX_AUDIO_SECONDS:g} s")],
+            b: Annotated[UploadFile, File(description="the end of the walk, the same")],
+            arrived: Annotated[float, Depends(arrival)],
+            steps: Annotated[int, Form(ge=1, le=MAX_INTERPOLATION_STEPS,
+                                       description="steps from a (t = 0) to b (t = 1): steps + 1 clips")] = 6,
+            seconds: Annotated[float, Form(ge=CLIP_SECONDS.low, le=MAX_AUDIO_SECONDS, allow_inf_nan=False,
+                                           description="each clip's length: both inputs are cut to it and to the "
+                                                       "shorter one")] = 5.0,
+            griffin_lim_iters: Annotated[int, Form(ge=1, le=MAX_GRIFFIN_LIM_ITERS,
+                                                   description="Griffin-Lim iterations")] = 32,
+            seed: Annotated[int, Form(**within(AUDIO_SEED),
+                                      description="Griffin-Lim's starting phases")] = 0) -> Response:
+        """Walk the VAE's latent space from upload a to upload b: z_t = (1 - t) z_a + t z_b, decoded at t = 0,
+        1/steps, ..., 1 (t = 0 and 1 are the two reconstructions). JSON by default, `Accept: audio/wav` for the walk
+        as one WAV. Limits: steps <= 16, (steps + 1) x the clips' length <= 30 s."""
+        data = [await upload.read() for upload in (a, b)]  # bounded by BodySizeLimit
+        lengths = [probe_audio(d, MAX_AUDIO_SECONDS) for d in data]
+        clip_seconds = min(seconds, *lengths)
+        if (steps + 1) * clip_seconds > MAX_GENERATED_SECONDS:
+            raise Problem(422, f"(steps + 1) x seconds = {steps + 1} x {clip_seconds:.2f} s exceeds "
+                               f"{MAX_GENERATED_SECONDS:g} s of audio; take fewer steps or shorter clips")
+        vae = served_vae(request)
+
+        def job() -> tuple[torch.Tensor, list[float]]:
+            wavs = [audio_gen.decode_audio(d, name=upload.filename or name)[: round(clip_seconds * vae.sample_rate)]
+                    for d, upload, name in zip(data, (a, b), ("a", "b"), strict=True)]
+            walk = vae.interpolate(*wavs, steps, seed=seed, griffin_lim_iters=griffin_lim_iters)
+            return walk["wav_hat"], walk["t"].tolist()
+
+        (wavs, t), timing = await request.app.state.lanes["vae"].run(job, arrived, args.deadline_s)
+        timing["total"] = time.monotonic() - arrived
+        return clips_response(request, wavs, vae.sample_rate, timing, seed=seed, t=t)
+
     return app
 
 
@@ -584,7 +815,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     try:
-        check_checkpoints(args)
+        check_startup(args)
     except (image_gen.UsageError, audio_gen.UsageError) as error:
         print(f"api.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

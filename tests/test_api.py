@@ -1,7 +1,8 @@
 """api.py: every endpoint and every refusal through FastAPI's TestClient, then a real uvicorn on 127.0.0.1.
 
-The models are the ones the server would load (the checkpoints --mode infer picks); requests stay tiny
-(DDIM with a few steps, clips of a second or two, a few Griffin-Lim iterations) so the file runs in seconds.
+The models are the ones the server would load (the checkpoints --mode infer picks), plus a tiny VAE trained
+here in seconds (the shipped one may not exist); requests stay tiny (DDIM with a few steps, clips of a second
+or two, a few Griffin-Lim iterations) so the file runs in seconds.
 """
 
 import asyncio
@@ -11,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,6 +33,8 @@ import api
 import audio_gen
 
 TINY_IMAGES = {"num_samples": 2, "sampler": "ddim", "steps": 3}
+TINY_SAMPLE = {"num_samples": 2, "seconds": 1.0, "griffin_lim_iters": 2}
+PRETRAINED = ROOT / "models" / "pretrained"
 
 
 def tone_wav(seconds: float = 1.5, rate: int = 16_000, channels: int = 1, subtype: str = "PCM_16",
@@ -62,17 +66,29 @@ def assert_problem(response: httpx.Response, status: int) -> dict:
     return body
 
 
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A VAE of 32 hidden channels trained for 2 epochs on 20 synthetic clips (about 15 s), with its mixture prior."""
+    folder = tmp_path_factory.mktemp("vae")
+    result = run_script("audio_gen.py", "--mode", "train", "--model", "vae", "--epochs", "2", "--num_samples", "20",
+                        "--batch_size", "8", "--hidden_channels", "32", "--eval_clips", "2", "--device", "cpu",
+                        "--checkpoint", str(folder / "vae.pt"), "--results_dir", str(folder / "results"))
+    assert result.returncode == 0, result.stderr
+    return folder / "vae.pt"
+
+
 @pytest.fixture(scope="module")
-def client():
-    with TestClient(api.create_app(api.parse_args([]))) as client:
+def client(tiny_vae):
+    with TestClient(api.create_app(api.parse_args(["--vae_checkpoint", str(tiny_vae)]))) as client:
         wait_ready(client)
         yield client
 
 
 @pytest.fixture(scope="module")
 def strict():
-    """A server with a small upload limit, one waiting place per model and a half-second deadline."""
-    args = api.parse_args(["--queue_size", "1", "--deadline_s", "0.5", "--max_upload_mb", "0.05"])
+    """A server with a small upload limit, one waiting place per model, a half-second deadline and no VAE."""
+    args = api.parse_args(["--queue_size", "1", "--deadline_s", "0.5", "--max_upload_mb", "0.05",
+                           "--vae_checkpoint", "none"])
     with TestClient(api.create_app(args)) as client:
         wait_ready(client)
         yield client
@@ -122,6 +138,25 @@ def test_models_names_checkpoints_by_sha256(client):
     assert body["audio"]["sha256"] == hashlib.sha256(Path(audio.checkpoint).read_bytes()).hexdigest()
     assert body["audio"]["sample_rate"] == audio_gen.SAMPLE_RATE
     assert body["limits"]["max_num_samples"] == api.MAX_NUM_SAMPLES
+
+
+def test_models_lists_the_vae_when_one_is_served(client, tiny_vae, strict):
+    vae = client.get("/v1/models").json()["vae"]
+    assert vae["sha256"] == hashlib.sha256(tiny_vae.read_bytes()).hexdigest() and vae["checkpoint"] == "vae.pt"
+    assert vae["kind"] == "vae" and vae["latent_dim"] == 64 and vae["sample_rate"] == audio_gen.SAMPLE_RATE
+    assert vae["prior"] == "mixture" and vae["priors"] == ["mixture", "standard"] and vae["prior_components"] == 16
+    body = strict.get("/v1/models").json()
+    assert body["vae"] is None and body["limits"]["max_generated_seconds"] == api.MAX_GENERATED_SECONDS
+
+
+def test_limits_are_the_scripts_own_where_they_mean_the_same():
+    assert api.MAX_GUIDANCE_SCALE == api.image_gen.LIMITS["guidance_scale"].high
+    image = api.ImageRequest.model_json_schema()["properties"]
+    assert image["eta"]["maximum"] == api.image_gen.LIMITS["eta"].high
+    assert image["seed"]["maximum"] == api.image_gen.LIMITS["seed"].high
+    sample = api.AudioSampleRequest.model_json_schema()["properties"]
+    assert sample["temperature"]["maximum"] == api.AUDIO_LIMITS["temperature"].high == 10
+    assert sample["seconds"]["minimum"] == api.AUDIO_LIMITS["seconds"].low == audio_gen.MIN_INPUT_SECONDS
 
 
 def test_openapi_shows_the_limits_and_docs_need_no_network(client):
@@ -174,9 +209,11 @@ def test_generate_png_with_accept_header_is_a_grid_one_digit_per_row(client):
 @pytest.mark.parametrize("accept, png", [
     ("image/png", True), ("image/*", True), ("application/json", False), ("*/*", False), ("", False),
     ("application/json;q=0.5, image/png", True), ("image/png;q=0.2, application/json", False),
+    ("image/png;q=nan", False), ("image/png;q=inf, application/json", False), ("image/png;q=x", False),
 ])
 def test_accept_negotiation(accept, png):
     assert api.wants_png(accept) is png
+    assert api.prefers(accept.replace("image/png", "audio/wav").replace("image/*", "audio/*"), "audio/wav") is png
 
 
 @pytest.mark.parametrize("body, field", [
@@ -186,13 +223,16 @@ def test_accept_negotiation(accept, png):
     ({"num_samples": 100, "steps": 101}, "exceeds"), ({"guidance_scale": -1}, "guidance_scale"),
     ({"guidance_scale": 1e9}, "guidance_scale"), ({"eta": 2}, "eta"), ({"seed": -1}, "seed"),
     ({"sampler": "euler"}, "sampler"), ({"sampler": "gan"}, "does not draw"), ({"num_samples": "many"}, "num_samples"),
-    ({"colour": "red"}, "colour"), ({"model": "vae"}, "model"),
+    ({"colour": "red"}, "colour"), ({"model": "vae"}, "model"), ({"seed": 10**30}, "seed"),
+    ({"seed": 2**32}, "seed"), ({"num_samples": 1.5}, "num_samples"), ({"digit": True}, "digit"),
 ])
 def test_generate_refuses_bad_parameters_with_422(client, body, field):
     assert field in assert_problem(client.post("/v1/images/generate", json=body), 422)["detail"]
 
 
-@pytest.mark.parametrize("raw", [b'{"guidance_scale": NaN}', b'{"eta": Infinity}', b"{not json", b"[1, 2]"])
+@pytest.mark.parametrize("raw", [b'{"guidance_scale": NaN}', b'{"eta": Infinity}', b'{"guidance_scale": -Infinity}',
+                                 b'{"eta": 1e309}', b'{"seed": 1e400}', b"{not json", b"[1, 2]", b"",
+                                 b'{"num_samples": ' + b"9" * 5000 + b"}"])
 def test_generate_refuses_non_finite_numbers_and_broken_json(client, raw):
     response = client.post("/v1/images/generate", content=raw, headers={"Content-Type": "application/json"})
     assert_problem(response, 422)
@@ -261,6 +301,137 @@ def test_reconstruct_refuses_bad_audio_and_parameters_with_422(client, upload, f
 
 def test_reconstruct_without_a_file_is_422(client):
     assert "file" in assert_problem(client.post("/v1/audio/reconstruct", data={"griffin_lim_iters": "4"}), 422)["detail"]
+
+
+# ----------------------------------------------------------------------------
+# The audio VAE: sample and interpolate
+# ----------------------------------------------------------------------------
+def decoded(wav_b64: str) -> tuple[np.ndarray, int]:
+    return sf.read(io.BytesIO(base64.b64decode(wav_b64)))
+
+
+def test_sample_returns_n_wavs_of_the_length_and_rate_asked_the_same_for_the_same_seed(client):
+    request = {**TINY_SAMPLE, "num_samples": 3, "seconds": 1.25, "seed": 5}
+    response = client.post("/v1/audio/sample", json=request)
+    body = response.json()
+    assert response.headers["content-type"] == "application/json" and "model;dur=" in response.headers["server-timing"]
+    assert body["prior"] == "mixture" and body["temperature"] == 1 and body["seed"] == 5
+    assert body["sample_rate"] == 16_000 and body["clip_seconds"] == 1.25 and len(body["wavs"]) == 3
+    for wav_b64 in body["wavs"]:
+        wav, rate = decoded(wav_b64)
+        assert rate == 16_000 and wav.shape == (20_000,) and np.isfinite(wav).all() and np.abs(wav).max() > 0
+    assert client.post("/v1/audio/sample", json=request).json()["wavs"] == body["wavs"]
+    assert client.post("/v1/audio/sample", json={**request, "seed": 6}).json()["wavs"] != body["wavs"]
+    standard = client.post("/v1/audio/sample", json={**request, "prior": "standard", "temperature": 0.5}).json()
+    assert standard["prior"] == "standard" and standard["wavs"] != body["wavs"]
+
+
+def test_sample_as_audio_wav_is_the_clip_or_the_clips_in_a_row(client):
+    one = client.post("/v1/audio/sample", json={**TINY_SAMPLE, "num_samples": 1}, headers={"Accept": "audio/wav"})
+    wav, rate = sf.read(io.BytesIO(one.content))
+    assert one.headers["content-type"] == "audio/wav" and rate == 16_000 and wav.shape == (16_000,)
+    assert one.headers["x-audio-clips"] == "1" and float(one.headers["x-audio-clip-seconds"]) == 1.0
+    two = client.post("/v1/audio/sample", json=TINY_SAMPLE, headers={"Accept": "audio/*"})
+    wav, _ = sf.read(io.BytesIO(two.content))
+    gap = int(api.CLIP_GAP_SECONDS * 16_000)
+    assert two.headers["x-audio-clips"] == "2" and wav.shape == (2 * 16_000 + gap,)
+    assert np.all(wav[16_000:16_000 + gap] == 0)  # the silence between the clips
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"num_samples": 0}, "num_samples"), ({"num_samples": api.MAX_AUDIO_SAMPLES + 1}, "num_samples"),
+    ({"seconds": 0.1}, "seconds"), ({"seconds": api.MAX_AUDIO_SECONDS + 1}, "seconds"),
+    ({"num_samples": 7, "seconds": 5}, "exceeds 30 s"), ({"temperature": -0.5}, "temperature"),
+    ({"temperature": 11}, "temperature"), ({"prior": "uniform"}, "prior"), ({"seed": -1}, "seed"),
+    ({"seed": 10**40}, "seed"), ({"griffin_lim_iters": 0}, "griffin_lim_iters"),
+    ({"griffin_lim_iters": api.MAX_GRIFFIN_LIM_ITERS + 1}, "griffin_lim_iters"), ({"num_samples": "two"}, "num_samples"),
+    ({"steps": 3}, "steps"), ({"seconds": True}, "seconds"),
+])
+def test_sample_refuses_bad_parameters_with_422(client, body, words):
+    assert words in assert_problem(client.post("/v1/audio/sample", json=body), 422)["detail"]
+
+
+@pytest.mark.parametrize("raw", [b'{"temperature": NaN}', b'{"temperature": Infinity}', b'{"seconds": -Infinity}',
+                                 b'{"seconds": 1e309}', b'{"num_samples": 1e400}', b"{broken"])
+def test_sample_refuses_non_finite_numbers_and_broken_json(client, raw):
+    response = client.post("/v1/audio/sample", content=raw, headers={"Content-Type": "application/json"})
+    assert_problem(response, 422)
+
+
+def test_sample_refuses_the_mixture_prior_of_a_vae_without_one(client, monkeypatch):
+    vae = client.app.state.models["vae"]
+    monkeypatch.setattr(vae, "prior", None)
+    assert "no learned mixture prior" in assert_problem(
+        client.post("/v1/audio/sample", json={**TINY_SAMPLE, "prior": "mixture"}), 422)["detail"]
+    assert client.post("/v1/audio/sample", json=TINY_SAMPLE).json()["prior"] == "standard"  # the default follows
+    assert client.get("/v1/models").json()["vae"]["priors"] == ["standard"]
+
+
+def test_without_a_vae_sample_and_interpolate_are_404_problems(strict):
+    detail = assert_problem(strict.post("/v1/audio/sample", json=TINY_SAMPLE), 404)["detail"]
+    assert "no VAE is served" in detail and "--vae_checkpoint" in detail
+    files = {"a": ("a.wav", tone_wav(0.6), "audio/wav"), "b": ("b.wav", tone_wav(0.6), "audio/wav")}
+    assert_problem(strict.post("/v1/audio/interpolate", files=files), 404)
+    assert_problem(strict.post("/v1/audio/sample", json={"temperature": -1}), 422)  # a bad request is still a 422
+
+
+def test_a_vae_is_served_only_where_a_checkpoint_exists(tmp_path, monkeypatch, tiny_vae):
+    monkeypatch.setattr(audio_gen, "PRETRAINED_DIR", tmp_path / "pretrained")
+    monkeypatch.chdir(tmp_path)
+    assert api.load_vae(None, "cpu") is None and api.load_vae("none", "cpu") is None  # nothing trained or shipped
+    (tmp_path / "models").mkdir()
+    shutil.copy(PRETRAINED / "audio_autoencoder.pt", tmp_path / "models" / "audio_vae.pt")
+    assert api.load_vae(None, "cpu") is None  # a default file that is no VAE is skipped (and logged)
+    with pytest.raises(audio_gen.UsageError, match="autoencoder"):
+        api.load_vae(str(tmp_path / "models" / "audio_vae.pt"), "cpu")  # ... but refused when named
+    shutil.copy(tiny_vae, tmp_path / "models" / "audio_vae.pt")
+    assert api.load_vae(None, "cpu").kind == "vae"
+
+
+def test_interpolate_walks_from_a_to_b_in_steps_plus_one_clips(client):
+    files = {"a": ("a.wav", tone_wav(1.5), "audio/wav"), "b": ("b.flac", flac_noise(2.0), "audio/flac")}
+    body = client.post("/v1/audio/interpolate", files=files, data={"steps": "3", "griffin_lim_iters": "2"}).json()
+    assert body["t"] == pytest.approx([0, 1 / 3, 2 / 3, 1]) and len(body["wavs"]) == 4
+    assert body["clip_seconds"] == 1.5  # the shorter clip
+    for wav_b64 in body["wavs"]:
+        wav, rate = decoded(wav_b64)
+        assert rate == 16_000 and wav.shape == (24_000,) and np.isfinite(wav).all()
+    walk = client.post("/v1/audio/interpolate", files=files, headers={"Accept": "audio/wav"},
+                       data={"steps": "2", "seconds": "1", "griffin_lim_iters": "2"})
+    wav, _ = sf.read(io.BytesIO(walk.content))
+    assert walk.headers["x-audio-clips"] == "3" and wav.shape == (3 * 16_000 + 2 * int(api.CLIP_GAP_SECONDS * 16_000),)
+
+
+def flac_noise(seconds: float) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, np.random.default_rng(0).normal(0, 0.1, int(seconds * 16_000)), 16_000, format="FLAC")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("a, b, form, status, words", [
+    (tone_wav, tone_wav, {"steps": "0"}, 422, "steps"),
+    (tone_wav, tone_wav, {"steps": str(api.MAX_INTERPOLATION_STEPS + 1)}, 422, "steps"),
+    (tone_wav, tone_wav, {"seconds": "nan"}, 422, "seconds"),
+    (tone_wav, tone_wav, {"seconds": "inf"}, 422, "seconds"),
+    (tone_wav, tone_wav, {"seconds": "0.1"}, 422, "seconds"),
+    (tone_wav, tone_wav, {"seed": "-1"}, 422, "seed"),
+    (tone_wav, tone_wav, {"griffin_lim_iters": "1e3"}, 422, "griffin_lim_iters"),
+    (lambda: tone_wav(5), lambda: tone_wav(5), {"steps": "6"}, 422, "exceeds 30 s"),
+    (tone_wav, lambda: b"not audio at all" * 10, {}, 415, "does not decode"),
+    (tone_wav, lambda: tone_wav(amplitude=0), {}, 422, "silent"),
+    (tone_wav, lambda: tone_wav(0.2), {}, 422, "lasts"),
+    (tone_wav, lambda: tone_wav(31, rate=8000, subtype="PCM_U8"), {}, 422, "at most 30 s"),
+    (tone_wav, nan_wav, {}, 422, "NaN"),
+])
+def test_interpolate_refuses_bad_uploads_and_parameters(client, a, b, form, status, words):
+    files = {"a": ("a.wav", a(), "audio/wav"), "b": ("b.wav", b(), "audio/wav")}
+    form = {"griffin_lim_iters": "2", **form}
+    assert words in assert_problem(client.post("/v1/audio/interpolate", files=files, data=form), status)["detail"]
+
+
+def test_interpolate_without_its_second_file_is_422(client):
+    response = client.post("/v1/audio/interpolate", files={"a": ("a.wav", tone_wav(), "audio/wav")})
+    assert "b" in assert_problem(response, 422)["detail"]
 
 
 # ----------------------------------------------------------------------------
@@ -335,9 +506,18 @@ def test_binding_beyond_loopback_warns():
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--workers", "0"], "--workers"), (["--port", "70000"], "--port"), (["--deadline_s", "nan"], "--deadline_s"),
-    (["--queue_size", "-1"], "--queue_size"), (["--max_upload_mb", "inf"], "--max_upload_mb"),
-    (["--image_checkpoint", "missing.pt"], "not a file"), (["--port", "eighty"], "--port"),
+    (["--workers", "0"], "--workers"), (["--workers", "65"], "about 0.5 GB"), (["--port", "70000"], "--port"),
+    (["--port", "0"], "--port"), (["--port", "eighty"], "--port"), (["--torch_threads", "0"], "--torch_threads"),
+    (["--torch_threads", "100000"], "--torch_threads"), (["--deadline_s", "nan"], "--deadline_s"),
+    (["--deadline_s", "0"], "--deadline_s"), (["--deadline_s", "-5"], "--deadline_s"),
+    (["--deadline_s", "inf"], "--deadline_s"), (["--deadline_s", "86400"], "--deadline_s"),
+    (["--queue_size", "-1"], "--queue_size"), (["--queue_size", "10000000"], "holds its body in memory"),
+    (["--max_upload_mb", "inf"], "--max_upload_mb"), (["--max_upload_mb", "0"], "--max_upload_mb"),
+    (["--max_upload_mb", "-infinity"], "--max_upload_mb"), (["--max_upload_mb", "1e6"], "in memory"),
+    (["--cors_origins", "127.0.0.1:8501"], "not an origin"), (["--cors_origins", "http://a.example/path"], "origin"),
+    (["--image_checkpoint", "missing.pt"], "not a file"), (["--vae_checkpoint", "missing.pt"], "not a file"),
+    (["--audio_checkpoint", "tests"], "is a folder"), (["--vae_checkpoint", "models"], "is a folder"),
+    (["--gan_checkpoint", "."], "is a folder"),
 ])
 def test_bad_flags_are_one_sentence_and_exit_2(flags, words, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -345,18 +525,52 @@ def test_bad_flags_are_one_sentence_and_exit_2(flags, words, capsys):
     assert stop.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_bad_environment_settings_are_refused_like_flags(monkeypatch, capsys):
+    for name, value, words in [("IAG_PORT", "http", "--port"), ("IAG_DEADLINE_S", "NaN", "--deadline_s"),
+                               ("IAG_VAE_CHECKPOINT", "/nonexistent/vae.pt", "not a file")]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as stop:
+            api.parse_args([])
+        assert stop.value.code == 2 and words in capsys.readouterr().err
+        monkeypatch.delenv(name)
+
+
 def test_bad_flag_on_the_command_line_prints_one_error_line():
     result = run_script("api.py", "--workers", "0", timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "api.py: error: --workers must be at least 1, got 0"
+    assert result.stderr.strip().splitlines()[-1] == "api.py: error: --workers must be a whole number between 1 and 64, got 0"
 
 
 def test_a_checkpoint_from_the_other_script_stops_the_server_before_it_serves():
-    result = run_script("api.py", "--audio_checkpoint", str(ROOT / "models" / "pretrained" / "diffusion_model.pt"),
-                        timeout=120)
+    result = run_script("api.py", "--audio_checkpoint", str(PRETRAINED / "diffusion_model.pt"), timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("api.py: error: checkpoint") and "audio_gen.py" in last
+
+
+def truncated(tmp_path: Path, name: str) -> str:
+    (tmp_path / name).write_bytes((PRETRAINED / name).read_bytes()[:4096])
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("flag, checkpoint, words", [
+    ("--image_checkpoint", lambda tmp: truncated(tmp, "diffusion_model.pt"), "readable"),
+    ("--gan_checkpoint", lambda tmp: truncated(tmp, "gan_model.pt"), "readable"),
+    ("--audio_checkpoint", lambda tmp: truncated(tmp, "audio_autoencoder.pt"), "not readable"),
+    ("--vae_checkpoint", lambda tmp: truncated(tmp, "audio_autoencoder.pt"), "not readable"),
+    ("--image_checkpoint", lambda tmp: str(PRETRAINED / "audio_autoencoder.pt"), "audio"),
+    ("--gan_checkpoint", lambda tmp: str(PRETRAINED / "diffusion_model.pt"), "diffusion"),
+    ("--vae_checkpoint", lambda tmp: str(PRETRAINED / "audio_autoencoder.pt"), "autoencoder"),
+    ("--vae_checkpoint", lambda tmp: str(PRETRAINED / "gan_model.pt"), "not an audio_gen.py checkpoint"),
+    ("--device", lambda tmp: "quantum", "not a device name"),
+])
+def test_a_checkpoint_that_does_not_load_stops_main_with_one_error_line(flag, checkpoint, words, tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: pytest.fail("uvicorn started"))
+    with pytest.raises(SystemExit) as stop:
+        api.main([flag, checkpoint(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("api.py: error: ") and words in err[0], err
 
 
 # ----------------------------------------------------------------------------
@@ -369,11 +583,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tiny_vae):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, str(ROOT / "api.py"), "--host", "127.0.0.1", "--port", str(port),
-                                "--max_upload_mb", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                "--max_upload_mb", "1", "--vae_checkpoint", str(tiny_vae)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -434,3 +649,15 @@ def test_server_answers_8_concurrent_requests_or_sheds_them_with_503(server):
     assert sum(r.status_code == 200 for r in responses) >= 2  # each model answered at least its first
     for seed, response in enumerate(responses[:4]):  # each answer belongs to its own request
         assert response.status_code != 200 or json.loads(response.content)["seed"] == seed
+
+
+def test_server_samples_wavs_from_the_vae_and_refuses_nan_with_422(server):
+    response = httpx.post(f"{server}/v1/audio/sample", json={**TINY_SAMPLE, "num_samples": 3, "seconds": 0.75},
+                          timeout=60)
+    wavs = [decoded(wav_b64) for wav_b64 in response.json()["wavs"]]
+    assert response.status_code == 200 and len(wavs) == 3
+    assert all(rate == 16_000 and wav.shape == (12_000,) for wav, rate in wavs)
+    response = httpx.post(f"{server}/v1/audio/sample", content=b'{"temperature": NaN}', timeout=60,
+                          headers={"Content-Type": "application/json", "Accept": "audio/wav"})
+    assert "temperature" in assert_problem(response, 422)["detail"]
+    assert httpx.get(f"{server}/v1/models", timeout=60).json()["vae"]["kind"] == "vae"
