@@ -1,4 +1,5 @@
-"""Streamlit web interface for both models: draw MNIST digits, reconstruct your own audio.
+"""Streamlit web interface for both models: draw MNIST digits, reconstruct your own audio, and where an audio VAE
+is served, draw new clips from its prior and walk between two of yours.
 
     make webapp                                             # http://127.0.0.1:8501
     streamlit run webapp.py                                 # the same; .streamlit/config.toml keeps it headless
@@ -44,6 +45,7 @@ TORCH_THREADS = int(os.environ.get("IAG_TORCH_THREADS", "1"))
 IMAGE_CHECKPOINT = os.environ.get("IAG_IMAGE_CHECKPOINT")
 GAN_CHECKPOINT = os.environ.get("IAG_GAN_CHECKPOINT")
 AUDIO_CHECKPOINT = os.environ.get("IAG_AUDIO_CHECKPOINT")
+VAE_CHECKPOINT = os.environ.get("IAG_VAE_CHECKPOINT")  # unset: models/audio_vae.pt or the shipped one, if either exists
 
 
 # ----------------------------------------------------------------------------
@@ -66,6 +68,15 @@ def image_models() -> dict[str, tuple[image_gen.ImageGenerator, threading.Lock]]
 def audio_model() -> tuple[audio_gen.AudioModel, threading.Lock]:
     torch.set_num_threads(TORCH_THREADS)
     return audio_gen.load_audio_model(AUDIO_CHECKPOINT), threading.Lock()
+
+
+@st.cache_resource(show_spinner="Loading the audio VAE…")
+def vae_model(checkpoint: str | None) -> tuple[audio_gen.AudioModel, threading.Lock] | None:
+    """The VAE the API would serve (api.load_vae), or None where none is trained or shipped; keyed by the checkpoint
+    so that a different IAG_VAE_CHECKPOINT gets its own."""
+    torch.set_num_threads(TORCH_THREADS)
+    vae = api.load_vae(checkpoint, None)
+    return None if vae is None else (vae, threading.Lock())
 
 
 # ----------------------------------------------------------------------------
@@ -116,6 +127,23 @@ def mel_figure(mel: torch.Tensor, mel_hat: torch.Tensor) -> Figure:
         ax.set_title(f"{title} log-mel", fontsize=10)
         ax.set_xlabel("frame")
     fig.axes[0].set_ylabel("mel bin")
+    fig.tight_layout()
+    return fig
+
+
+def mel_grid_figure(mels: torch.Tensor, titles: list[str], columns: int = 4) -> Figure:
+    """Generated log-mels (N, n_mels, T) side by side on one colour scale, as audio_gen's vae_samples.png."""
+    columns = min(columns, len(mels))
+    rows = -(-len(mels) // columns)
+    fig = Figure(figsize=(3.2 * columns, 2.4 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    low, high = mels.min().item(), mels.max().item()
+    for ax, mel, title in zip(axes.flat, mels, titles):
+        ax.imshow(mel.numpy(), origin="lower", aspect="auto", vmin=low, vmax=high, cmap="magma")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+    for ax in axes.flat[len(mels):]:
+        ax.axis("off")
     fig.tight_layout()
     return fig
 
@@ -218,6 +246,17 @@ def metrics_table(metrics: dict) -> dict[str, list]:
             "Griffin-Lim ceiling": [show(ceiling[k]) for k in names]}
 
 
+def checked_audio(upload, seconds: float | None = None) -> torch.Tensor:
+    """An upload as (L,) at 16 kHz, refused as the API refuses it (api.Problem: too large, not audio, too long;
+    audio_gen.UsageError: silent, too short, NaN) before any model work; cut to `seconds` when given."""
+    data = upload.getvalue()
+    if len(data) > api.MAX_UPLOAD_MB * 1e6:
+        raise api.Problem(413, f"the file exceeds the {api.MAX_UPLOAD_MB} MB limit")
+    api.probe_audio(data, api.MAX_AUDIO_SECONDS)  # not audio, or too long: refused before any work
+    wav = audio_gen.decode_audio(data, name=upload.name)
+    return wav if seconds is None else wav[: round(seconds * audio_gen.SAMPLE_RATE)]
+
+
 def audio_tab() -> None:
     model, lock = audio_model()
     source = st.radio("Audio", ["Upload a file", "Record with the microphone"], horizontal=True, key="source")
@@ -230,17 +269,10 @@ def audio_tab() -> None:
     iterations = left.slider("Griffin-Lim iterations", 1, api.MAX_GRIFFIN_LIM_ITERS, 32, key="griffin_lim_iters")
     speech = right.checkbox("Speech (adds PESQ-WB and STOI)", value=True, key="speech")
     if upload is not None and st.button("Reconstruct", type="primary", key="reconstruct"):
-        data = upload.getvalue()
         try:
-            if len(data) > api.MAX_UPLOAD_MB * 1e6:
-                raise api.Problem(413, f"the file exceeds the {api.MAX_UPLOAD_MB} MB limit")
-            api.probe_audio(data, api.MAX_AUDIO_SECONDS)  # not audio, or too long: refused before any work
-            wav = audio_gen.decode_audio(data, name=upload.name)
-        except api.Problem as error:
-            st.error(error.detail)
-            return
-        except audio_gen.UsageError as error:
-            st.error(str(error))
+            wav = checked_audio(upload)
+        except (api.Problem, audio_gen.UsageError) as error:
+            st.error(error.detail if isinstance(error, api.Problem) else str(error))
             return
         with st.status(f"Reconstructing {wav.numel() / model.sample_rate:.1f} s…") as status:
             started = time.monotonic()
@@ -266,15 +298,111 @@ def audio_tab() -> None:
 
 
 # ----------------------------------------------------------------------------
+# Audio VAE tab: samples from the prior, a walk between two clips
+# ----------------------------------------------------------------------------
+def vae_tab(vae: audio_gen.AudioModel, lock: threading.Lock) -> None:
+    described = api.describe_vae(vae)
+    st.caption(f"{vae.checkpoint.name}: epoch {vae.epoch}, latent_dim {described['latent_dim']}, "
+               f"prior {' or '.join(described['priors'])}")
+    st.subheader("Sample from the prior")
+    with st.form("vae_sample"):
+        left, right = st.columns(2)
+        num_samples = left.slider("Clips", 1, api.MAX_AUDIO_SAMPLES, 4, key="vae_num_samples")
+        seconds = left.slider("Seconds each", api.CLIP_SECONDS.low, api.MAX_AUDIO_SECONDS, 5.0, 0.5, key="vae_seconds",
+                              help=f"clips x seconds ≤ {api.MAX_GENERATED_SECONDS:g} s, as the API allows")
+        seed = left.number_input("Seed", 0, int(api.AUDIO_SEED.high), 0, key="vae_seed")
+        prior = right.selectbox("Prior", described["priors"], key="vae_prior",
+                                help="mixture: the clip mixture fitted to the training codes; standard: N(0, I)")
+        temperature = right.slider("Temperature", 0.0, 2.0, 1.0, 0.1, key="vae_temperature",
+                                   help="0: the prior's means; 1: as trained; above 1: wilder")
+        iterations = right.slider("Griffin-Lim iterations", 1, api.MAX_GRIFFIN_LIM_ITERS, 32, key="vae_griffin_lim_iters")
+        submitted = st.form_submit_button("Sample", type="primary")
+    if submitted:
+        try:
+            request = api.AudioSampleRequest(num_samples=num_samples, seconds=seconds, temperature=temperature,
+                                             prior=prior, seed=int(seed), griffin_lim_iters=iterations)
+        except pydantic.ValidationError as error:
+            st.error(first_error(error))
+        else:
+            with st.status(f"Drawing {num_samples} clips of {seconds:g} s…") as status:
+                started = time.monotonic()
+                with lock:
+                    out = vae.sample(request.num_samples, seconds=request.seconds, temperature=request.temperature,
+                                     seed=request.seed, griffin_lim_iters=request.griffin_lim_iters, prior=request.prior)
+                status.update(label=f"Drew {num_samples} clips in {time.monotonic() - started:.2f} s", state="complete")
+            st.session_state.vae_sampled = {
+                "mel_hat": out["mel_hat"], "clips": [api.wav_bytes(wav, vae.sample_rate) for wav in out["wav_hat"]],
+                "all": api.clips_wav(out["wav_hat"], vae.sample_rate),
+                "caption": f"{prior} prior, temperature {temperature:g}, seed {request.seed}"}
+    if sampled := st.session_state.get("vae_sampled"):
+        st.pyplot(mel_grid_figure(sampled["mel_hat"], [f"sample {i}" for i in range(len(sampled["clips"]))]))
+        st.caption(sampled["caption"])
+        for row in range(0, len(sampled["clips"]), 4):
+            for column, (i, clip) in zip(st.columns(4), enumerate(sampled["clips"][row:row + 4], row)):
+                column.caption(f"sample {i}")
+                column.audio(clip, format="audio/wav")
+        st.download_button(f"Download the clips as one WAV ({api.CLIP_GAP_SECONDS:g} s apart)", sampled["all"],
+                           "vae_samples.wav", "audio/wav", key="vae_download_samples")
+
+    st.subheader("Interpolate between two clips")
+    first, second = st.columns(2)
+    upload_a = first.file_uploader("Start (t = 0)", type=["wav", "flac", "ogg"], key="vae_a")
+    upload_b = second.file_uploader("End (t = 1)", type=["wav", "flac", "ogg"], key="vae_b")
+    left, middle, right = st.columns(3)
+    steps = left.slider("Steps", 1, api.MAX_INTERPOLATION_STEPS, 6, key="vae_steps",
+                        help="steps + 1 clips from the start to the end")
+    walk_seconds = middle.slider("Seconds of each clip", api.CLIP_SECONDS.low, api.MAX_AUDIO_SECONDS, 3.0, 0.5,
+                                 key="vae_walk_seconds",
+                                 help=f"(steps + 1) x seconds ≤ {api.MAX_GENERATED_SECONDS:g} s, as the API allows")
+    walk_iterations = right.slider("Griffin-Lim iterations", 1, api.MAX_GRIFFIN_LIM_ITERS, 32,
+                                   key="vae_walk_griffin_lim_iters")
+    if upload_a is not None and upload_b is not None and st.button("Interpolate", type="primary",
+                                                                   key="vae_interpolate"):
+        try:
+            wavs = [checked_audio(upload, walk_seconds) for upload in (upload_a, upload_b)]
+            clip_seconds = min(wav.numel() for wav in wavs) / vae.sample_rate
+            if (steps + 1) * clip_seconds > api.MAX_GENERATED_SECONDS:
+                raise api.Problem(422, f"(steps + 1) x seconds = {steps + 1} x {clip_seconds:.2f} s exceeds "
+                                       f"{api.MAX_GENERATED_SECONDS:g} s of audio; take fewer steps or shorter clips")
+        except (api.Problem, audio_gen.UsageError) as error:
+            st.error(error.detail if isinstance(error, api.Problem) else str(error))
+            return
+        with st.status(f"Walking {steps} steps…") as status:
+            started = time.monotonic()
+            with lock:
+                walk = vae.interpolate(*wavs, steps, griffin_lim_iters=walk_iterations)
+            status.update(label=f"Walked {steps} steps in {time.monotonic() - started:.2f} s", state="complete")
+        st.session_state.vae_walk = {"mel_hat": walk["mel_hat"], "t": walk["t"].tolist(),
+                                     "wav": api.clips_wav(walk["wav_hat"], vae.sample_rate),
+                                     "caption": f"{upload_a.name} (t = 0) to {upload_b.name} (t = 1), "
+                                                f"{clip_seconds:.1f} s each"}
+    if walked := st.session_state.get("vae_walk"):
+        st.pyplot(mel_grid_figure(walked["mel_hat"], [f"t = {t:.2f}" for t in walked["t"]],
+                                  columns=min(len(walked["t"]), 7)))
+        st.caption(walked["caption"])
+        st.audio(walked["wav"], format="audio/wav")
+        st.download_button("Download the walk (WAV)", walked["wav"], "vae_interpolation.wav", "audio/wav",
+                           key="vae_download_walk")
+
+
+# ----------------------------------------------------------------------------
 # Page
 # ----------------------------------------------------------------------------
 st.set_page_config(page_title="ImageAudioGen", layout="wide")
 st.title("ImageAudioGen")
-digits, audio = st.tabs(["Digits", "Audio"])
 try:
-    with digits:
+    served_vae = vae_model(VAE_CHECKPOINT)
+except audio_gen.UsageError as error:  # a VAE named by IAG_VAE_CHECKPOINT that does not load
+    st.error(f"The audio VAE could not be loaded: {error}")
+    served_vae = None
+tabs = st.tabs(["Digits", "Audio", *(["Audio VAE"] if served_vae else [])])
+try:
+    with tabs[0]:
         digits_tab()
-    with audio:
+    with tabs[1]:
         audio_tab()
+    if served_vae:
+        with tabs[2]:
+            vae_tab(*served_vae)
 except (image_gen.UsageError, audio_gen.UsageError) as error:  # a checkpoint that does not load
     st.error(f"The models could not be loaded: {error}")

@@ -13,12 +13,13 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import ROOT
+from conftest import ROOT, run_script
 from streamlit.testing.v1 import AppTest
 
 SCRIPT = str(ROOT / "webapp.py")
@@ -31,11 +32,33 @@ def tone_wav(seconds: float = 1.5, amplitude: float = 0.3) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture()
-def app() -> AppTest:
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A VAE of 32 hidden channels trained for 2 epochs on 20 synthetic clips (about 15 s), with its mixture prior."""
+    folder = tmp_path_factory.mktemp("vae")
+    result = run_script("audio_gen.py", "--mode", "train", "--model", "vae", "--epochs", "2", "--num_samples", "20",
+                        "--batch_size", "8", "--hidden_channels", "32", "--eval_clips", "2", "--device", "cpu",
+                        "--checkpoint", str(folder / "vae.pt"), "--results_dir", str(folder / "results"))
+    assert result.returncode == 0, result.stderr
+    return folder / "vae.pt"
+
+
+def page(monkeypatch, vae: str) -> AppTest:
+    monkeypatch.setenv("IAG_VAE_CHECKPOINT", vae)
     at = AppTest.from_file(SCRIPT, default_timeout=180).run()
     assert not at.exception, [e.value for e in at.exception]
     return at
+
+
+@pytest.fixture()
+def app(monkeypatch) -> AppTest:
+    """The page without a VAE, whether or not one is trained or shipped."""
+    return page(monkeypatch, "none")
+
+
+@pytest.fixture()
+def vae_app(monkeypatch, tiny_vae) -> AppTest:
+    return page(monkeypatch, str(tiny_vae))
 
 
 def assert_clean(at: AppTest) -> None:
@@ -125,6 +148,81 @@ def test_bad_upload_gets_one_clear_message_and_no_traceback(app, content, words)
 
 
 # ----------------------------------------------------------------------------
+# AppTest: the audio VAE's tab
+# ----------------------------------------------------------------------------
+def button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def test_the_vae_tab_appears_where_a_vae_is_served(vae_app):
+    assert [tab.label for tab in vae_app.tabs] == ["Digits", "Audio", "Audio VAE"]
+    assert vae_app.selectbox(key="vae_prior").options == ["mixture", "standard"]
+    assert not vae_app.error
+
+
+def test_a_named_vae_that_does_not_load_is_one_message_and_the_rest_works(monkeypatch):
+    at = page(monkeypatch, str(ROOT / "models" / "pretrained" / "audio_autoencoder.pt"))
+    assert [tab.label for tab in at.tabs] == ["Digits", "Audio"]
+    assert len(at.error) == 1 and "autoencoder" in at.error[0].value
+
+
+def test_vae_sample_shows_the_mel_grid_and_a_player_per_clip(vae_app):
+    vae_app.slider(key="vae_num_samples").set_value(3)
+    vae_app.slider(key="vae_seconds").set_value(1.0)
+    vae_app.slider(key="vae_griffin_lim_iters").set_value(2)
+    vae_app.selectbox(key="vae_prior").set_value("standard")
+    button(vae_app, "Sample").click()
+    vae_app.run()
+    assert_clean(vae_app)
+    assert not vae_app.error
+    assert any(s.proto.label.startswith("Drew 3 clips") for s in vae_app.get("status"))
+    assert len(vae_app.get("audio")) == 3 and len(vae_app.image) == 1  # three players, one mel grid
+    assert any(b.proto.label.startswith("Download the clips") for b in vae_app.get("download_button"))
+    assert "standard prior" in " ".join(c.value for c in vae_app.caption)
+
+
+def test_vae_sample_refuses_what_the_api_refuses(vae_app):
+    vae_app.slider(key="vae_num_samples").set_value(16)
+    vae_app.slider(key="vae_seconds").set_value(5.0)  # 80 s of audio > 30 s
+    button(vae_app, "Sample").click()
+    vae_app.run()
+    assert_clean(vae_app)
+    assert len(vae_app.error) == 1 and "exceeds 30 s" in vae_app.error[0].value
+    assert not vae_app.get("audio")
+
+
+def test_vae_interpolate_walks_between_two_uploads(vae_app):
+    vae_app.file_uploader(key="vae_a").set_value(("a.wav", tone_wav(1.5), "audio/wav"))
+    vae_app.file_uploader(key="vae_b").set_value(("b.wav", tone_wav(1.2, amplitude=0.1), "audio/wav"))
+    vae_app.slider(key="vae_steps").set_value(2)
+    vae_app.slider(key="vae_walk_seconds").set_value(1.0)
+    vae_app.slider(key="vae_walk_griffin_lim_iters").set_value(2)
+    vae_app.run()
+    vae_app.button(key="vae_interpolate").click()
+    vae_app.run()
+    assert_clean(vae_app)
+    assert not vae_app.error
+    assert len(vae_app.get("audio")) == 1 and len(vae_app.image) == 1  # the walk, its mel strip
+    assert "a.wav (t = 0) to b.wav (t = 1), 1.0 s each" in " ".join(c.value for c in vae_app.caption)
+
+
+@pytest.mark.parametrize("content, steps, words", [(b"this is not audio\n" * 50, 2, "does not decode"),
+                                                   (tone_wav(amplitude=0.0), 2, "silent"),
+                                                   (tone_wav(5.0), 16, "exceeds 30 s")])
+def test_vae_interpolate_refuses_bad_uploads_with_one_message(vae_app, content, steps, words):
+    vae_app.file_uploader(key="vae_a").set_value(("a.wav", tone_wav(5.0), "audio/wav"))
+    vae_app.file_uploader(key="vae_b").set_value(("b.wav", content, "audio/wav"))
+    vae_app.slider(key="vae_steps").set_value(steps)
+    vae_app.slider(key="vae_walk_seconds").set_value(5.0)
+    vae_app.run()
+    vae_app.button(key="vae_interpolate").click()
+    vae_app.run()
+    assert_clean(vae_app)
+    assert len(vae_app.error) == 1 and words in vae_app.error[0].value
+    assert not vae_app.get("audio")
+
+
+# ----------------------------------------------------------------------------
 # A real browser on `streamlit run webapp.py`
 # ----------------------------------------------------------------------------
 def browser_or_skip() -> tuple[str, str]:
@@ -145,11 +243,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def streamlit_url():
+def streamlit_url(tiny_vae):
     browser_or_skip()
     port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IAG_VAE_CHECKPOINT": str(tiny_vae)}
     process = subprocess.Popen([sys.executable, "-m", "streamlit", "run", SCRIPT, "--server.address", "127.0.0.1",
-                                "--server.port", str(port)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                "--server.port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -236,6 +335,19 @@ def test_browser_generates_a_digit_and_reconstructs_a_wav(browser, streamlit_url
     loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert all(name.startswith(("http://127.0.0.1", "blob:", "data:")) for name in loaded), loaded
     browser.save_screenshot(os.environ.get("IAG_SCREENSHOT", str(tmp_path / "webapp.png")))
+
+
+def test_browser_samples_clips_from_the_vae(browser, streamlit_url):
+    from selenium.webdriver.common.by import By
+
+    browser.get(streamlit_url)
+    click_text(browser, "[data-testid='stTab']", "Audio VAE")
+    click_text(browser, "[data-testid='stForm'] button", "Sample")
+    players = wait_for(browser, "audio", count=4)  # the default: four clips of 5 s
+    clip = httpx.get(players[0].get_attribute("src"), timeout=30)
+    wav, rate = sf.read(io.BytesIO(clip.content))
+    assert rate == 16_000 and len(wav) == 5 * 16_000
+    assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
 
 
 def test_browser_renders_the_api_docs_offline(browser):
