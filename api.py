@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -342,6 +343,21 @@ def load_vae(checkpoint: str | None, device: str | None) -> audio_gen.AudioModel
             raise
         log.warning("no VAE served: %s", error)
         return None
+
+
+def check_bind(host: str, port: int) -> None:
+    """Bind --host:--port once and let go, so that a port in use or a host that is no address here stops
+    `python api.py` in one line before the models load, not after (OSError with the sentence)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise OSError(f"--host {host} is not an address or a name that resolves here ({error})") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise OSError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
 def check_startup(args: argparse.Namespace) -> None:
@@ -815,8 +831,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     try:
+        check_bind(args.host, args.port)
         check_startup(args)
-    except (image_gen.UsageError, audio_gen.UsageError) as error:
+    except (image_gen.UsageError, audio_gen.UsageError, OSError) as error:
         print(f"api.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     if warning := exposure_warning(args.host):

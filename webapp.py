@@ -41,7 +41,7 @@ SPEED_SOURCE = "batch 100, one CPU thread, bf16 autocast: `benchmarks/bench_imag
 MS_PER_IMAGE_STEP = 1.0  # DDIM-50 at 50 ms/image; DDPM-1000 at 1.01 s/image
 UNMEASURED = "—"  # a setting the benchmark did not measure
 # The same IAG_* variables as api.py; unset, the checkpoints are the ones --mode infer picks.
-TORCH_THREADS = int(os.environ.get("IAG_TORCH_THREADS", "1"))
+TORCH_THREADS = os.environ.get("IAG_TORCH_THREADS", "1")  # checked against api.FLAG_LIMITS below, as the API does
 IMAGE_CHECKPOINT = os.environ.get("IAG_IMAGE_CHECKPOINT")
 GAN_CHECKPOINT = os.environ.get("IAG_GAN_CHECKPOINT")
 AUDIO_CHECKPOINT = os.environ.get("IAG_AUDIO_CHECKPOINT")
@@ -390,6 +390,14 @@ def vae_tab(vae: audio_gen.AudioModel, lock: threading.Lock) -> None:
 # ----------------------------------------------------------------------------
 st.set_page_config(page_title="ImageAudioGen", layout="wide")
 st.title("ImageAudioGen")
+try:
+    TORCH_THREADS = int(TORCH_THREADS)
+    if TORCH_THREADS not in api.FLAG_LIMITS["torch_threads"]:
+        raise ValueError
+except ValueError:
+    st.error(f"IAG_TORCH_THREADS must be a whole number {api.FLAG_LIMITS['torch_threads'].describe()}, "
+             f"got {TORCH_THREADS!r}")
+    st.stop()
 try:
     served_vae = vae_model(VAE_CHECKPOINT)
 except audio_gen.UsageError as error:  # a VAE named by IAG_VAE_CHECKPOINT that does not load

@@ -548,6 +548,29 @@ def test_a_checkpoint_from_the_other_script_stops_the_server_before_it_serves():
     assert last.startswith("api.py: error: checkpoint") and "audio_gen.py" in last
 
 
+@pytest.mark.parametrize("flag, path, words", [
+    ("--vae_checkpoint", lambda tmp: str(tmp), "is a folder, not a checkpoint file"),
+    ("--image_checkpoint", lambda tmp: truncated(tmp, "diffusion_model.pt"), "readable"),
+])
+def test_a_folder_or_a_truncated_checkpoint_on_the_command_line_is_one_error_line(flag, path, words, tmp_path):
+    result = run_script("api.py", flag, path(tmp_path), timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("api.py: error: ") and words in last
+
+
+def test_a_port_in_use_stops_main_before_the_models_load(monkeypatch, capsys):
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: pytest.fail("uvicorn started"))
+    monkeypatch.setattr(api, "check_startup", lambda args: pytest.fail("models loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit) as stop:
+            api.main(["--port", str(taken.getsockname()[1])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "cannot listen on 127.0.0.1:" in err[0], err
+
+
 def truncated(tmp_path: Path, name: str) -> str:
     (tmp_path / name).write_bytes((PRETRAINED / name).read_bytes()[:4096])
     return str(tmp_path / name)

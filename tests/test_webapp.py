@@ -166,6 +166,13 @@ def test_a_named_vae_that_does_not_load_is_one_message_and_the_rest_works(monkey
     assert len(at.error) == 1 and "autoencoder" in at.error[0].value
 
 
+@pytest.mark.parametrize("threads", ["many", "0", "1e9"])
+def test_a_bad_thread_count_in_the_environment_is_one_message(monkeypatch, threads):
+    monkeypatch.setenv("IAG_TORCH_THREADS", threads)
+    at = page(monkeypatch, "none")
+    assert len(at.error) == 1 and "IAG_TORCH_THREADS" in at.error[0].value and not at.tabs
+
+
 def test_vae_sample_shows_the_mel_grid_and_a_player_per_clip(vae_app):
     vae_app.slider(key="vae_num_samples").set_value(3)
     vae_app.slider(key="vae_seconds").set_value(1.0)
