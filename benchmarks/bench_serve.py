@@ -1,7 +1,9 @@
-"""Serving benchmark: a real api.py on 127.0.0.1 under 1, 4 and 16 concurrent clients, for images and audio.
+"""Serving benchmark: a real api.py on 127.0.0.1 under 1, 4 and 16 concurrent clients, for images, audio
+reconstruction and, where a VAE is served, audio samples.
 
     python benchmarks/bench_serve.py                             # the figures in docs/serving.md
     python benchmarks/bench_serve.py --requests 5 --soak 100     # a quick look
+    python benchmarks/bench_serve.py --kinds vae --clients 1 4 --soak 0 --vae_checkpoint models/audio_vae.pt
 
 For each endpoint and client count: throughput, p50 / p99 latency and the answers by status; then the
 server's resident memory (RSS) before and after a soak of `--soak` requests; and, as the yardstick of a
@@ -37,6 +39,8 @@ IMAGE_REQUEST = {"num_samples": 10, "sampler": "ddim", "steps": 20, "seed": 0}  
 AUDIO_SECONDS, AUDIO_ITERS = 5.0, 32  # a 5-s clip, Griffin-Lim's default iterations
 SOAK_IMAGE = {"num_samples": 1, "sampler": "ddim", "steps": 5}
 SOAK_AUDIO_SECONDS, SOAK_ITERS = 1.0, 4
+VAE_REQUEST = {"num_samples": 1, "seconds": AUDIO_SECONDS, "griffin_lim_iters": AUDIO_ITERS}  # one 5-s clip
+KINDS = ("image", "audio", "vae")
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,8 +49,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=8, help="requests each client sends per run")
     p.add_argument("--soak", type=int, default=1000, help="requests of the RSS soak (half image, half audio)")
     p.add_argument("--queue_size", type=int, default=8, help="the server's --queue_size")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
+                   help="endpoints to load (default: image and audio, and vae where a VAE is served)")
+    p.add_argument("--vae_checkpoint", default=None,
+                   help="the VAE the server and the in-process yardstick load (default: the one api.py picks)")
     p.add_argument("--out", default="results/bench_serve.json", help="where the figures go as JSON")
-    return p.parse_args()
+    args = p.parse_args()
+    for name in ("requests", "queue_size", "soak"):
+        if not 0 <= getattr(args, name) <= 100_000 or (name == "requests" and args.requests < 1):
+            p.error(f"--{name} must be a whole number from {int(name == 'requests')} to 100,000")
+    if not all(1 <= clients <= 256 for clients in args.clients):
+        p.error("--clients must each be from 1 to 256")
+    return args
 
 
 def clip_wav(seconds: float) -> bytes:
@@ -77,18 +91,24 @@ def machine() -> str:
 # machine drifts, so each server request is paired with an in-process call made just before it)
 # ----------------------------------------------------------------------------
 class InProcess:
-    def __init__(self):
+    def __init__(self, vae: audio_gen.AudioModel | None):
         torch.set_num_threads(1)
         self.generator = image_gen.load_image_generator(device="cpu")
         self.model = audio_gen.load_audio_model(device="cpu")
+        self.vae = vae
         self.wav = audio_gen.decode_audio(CLIPS[AUDIO_SECONDS])
         self.generator.generate(1, sampler="ddim", steps=1)
         self.model.reconstruct(self.wav, griffin_lim_iters=1)
+        if vae is not None:
+            vae.sample(1, seconds=1.0, griffin_lim_iters=1)
 
     def seconds(self, kind: str) -> float:
         start = time.perf_counter()
         if kind == "image":
             self.generator.generate(IMAGE_REQUEST["num_samples"], sampler="ddim", steps=IMAGE_REQUEST["steps"])
+        elif kind == "vae":
+            self.vae.sample(VAE_REQUEST["num_samples"], seconds=VAE_REQUEST["seconds"],
+                            griffin_lim_iters=VAE_REQUEST["griffin_lim_iters"])
         else:
             self.model.reconstruct(self.wav, griffin_lim_iters=AUDIO_ITERS)
         return time.perf_counter() - start
@@ -124,6 +144,8 @@ async def one(http: httpx.AsyncClient, kind: str, soak: bool = False) -> tuple[i
     if kind == "image":
         response = await http.post("/v1/images/generate", json=SOAK_IMAGE if soak else IMAGE_REQUEST,
                                    headers={"Accept": "image/png"})
+    elif kind == "vae":
+        response = await http.post("/v1/audio/sample", json=VAE_REQUEST, headers={"Accept": "audio/wav"})
     else:
         seconds, iters = (SOAK_AUDIO_SECONDS, SOAK_ITERS) if soak else (AUDIO_SECONDS, AUDIO_ITERS)
         response = await http.post("/v1/audio/reconstruct", files={"file": ("clip.wav", CLIPS[seconds], "audio/wav")},
@@ -172,12 +194,25 @@ CLIPS = {AUDIO_SECONDS: clip_wav(AUDIO_SECONDS), SOAK_AUDIO_SECONDS: clip_wav(SO
 
 def main() -> None:
     args = parse_args()
+    import api  # after the flags: api.py reads its own settings from IAG_* at import
+
     print(f"machine: {machine()}")
-    print(f"image request {IMAGE_REQUEST}; audio request a {AUDIO_SECONDS:g}-s clip, {AUDIO_ITERS} GL iterations")
-    local = InProcess()
+    print(f"image request {IMAGE_REQUEST}; audio request a {AUDIO_SECONDS:g}-s clip, {AUDIO_ITERS} GL iterations; "
+          f"vae request {VAE_REQUEST}")
+    try:
+        vae = api.load_vae(args.vae_checkpoint, "cpu")
+    except audio_gen.UsageError as error:
+        raise SystemExit(f"error: {error}") from None
+    kinds = args.kinds or ["image", "audio", *(["vae"] if vae else [])]
+    if "vae" in kinds and vae is None:
+        raise SystemExit("error: --kinds vae, but no VAE is trained or shipped: give --vae_checkpoint")
+    if vae is not None:
+        print(f"vae: {vae.checkpoint} (sha256 {vae.sha256[:12]}, epoch {vae.epoch})")
+    local = InProcess(vae)
     port = free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "api.py"), "--port", str(port), "--queue_size",
-                               str(args.queue_size)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               str(args.queue_size), "--vae_checkpoint", str(vae.checkpoint) if vae else "none"],
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -191,7 +226,7 @@ def main() -> None:
         else:
             raise SystemExit("error: the server was not ready within 120 s")
         rows = []
-        for kind in ("image", "audio"):
+        for kind in kinds:
             for clients in args.clients:
                 if clients == 1:
                     row = single_client(url, kind, args.requests, local)
@@ -204,7 +239,7 @@ def main() -> None:
                       f"p50 {row['p50_s'] * 1000:7.0f} ms, p99 {row['p99_s'] * 1000:7.0f} ms, "
                       f"statuses {row['statuses']}{ratio}", flush=True)
         before = rss_mb(server.pid)
-        statuses = asyncio.run(soak(url, args.soak))
+        statuses = asyncio.run(soak(url, args.soak)) if args.soak else Counter()
         after = rss_mb(server.pid)
         print(f"soak: {args.soak} requests ({dict(statuses)}), RSS {before:.0f} -> {after:.0f} MB "
               f"({(after / before - 1) * 100:+.1f} %)")
@@ -214,7 +249,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "image_request": IMAGE_REQUEST, "audio_seconds": AUDIO_SECONDS,
-                               "griffin_lim_iters": AUDIO_ITERS, "runs": rows,
+                               "griffin_lim_iters": AUDIO_ITERS, "vae_request": VAE_REQUEST if vae else None,
+                               "vae_checkpoint": str(vae.checkpoint) if vae else None,
+                               "vae_sha256": vae.sha256 if vae else None, "runs": rows,
                                "soak": {"requests": args.soak, "statuses": dict(statuses), "rss_before_mb": before,
                                         "rss_after_mb": after}}, indent=2))
     print(f"wrote {out}")
