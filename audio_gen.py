@@ -1,8 +1,10 @@
-"""Audio regeneration with a mel-spectrogram autoencoder.
+"""Audio regeneration with a mel-spectrogram autoencoder, or a VAE that also generates.
 
 audio (16 kHz mono, 5 s) -> log-mel [n_mels x 256] -> Conv1d encoder (4 layers, time / 16)
 -> latent [latent_dim x 16] -> ConvTranspose1d decoder (4 layers) -> log-mel
 -> mel inverse (non-negative least squares) -> Griffin-Lim -> audio.
+The VAE (--model vae) makes the latent a Gaussian per latent frame, trained with a beta-weighted KL to N(0, I), so
+it can draw new clips from a prior (N(0, I), or a mixture fitted to the training codes) and walk between two sounds.
 
 Data: a corpus the script renders itself, offline, from pip packages (--mode corpus: espeak-ng speech in
 many voices and languages, General MIDI SoundFont songs as MUSDB18-HQ stems, and the synthetic stems),
@@ -17,6 +19,10 @@ Commands:
     python audio_gen.py --mode infer                        # held-out clips of the checkpoint's data
     python audio_gen.py --mode corpus --corpus_dir data/corpus --corpus_minutes 90   # render the corpus (3 min)
     python audio_gen.py --mode train --corpus_dir data/corpus --epochs 12 --batch_size 16   # the shipped model
+    python audio_gen.py --mode sample --num_samples 4                       # the shipped VAE draws four 5-s clips
+    python audio_gen.py --mode interpolate --input a.wav --input_b b.wav --steps 6
+    python audio_gen.py --mode train --model vae --init_from models/pretrained/audio_autoencoder.pt \
+        --corpus_dir data/corpus --epochs 5 --batch_size 16 --learning_rate 5e-4   # the shipped VAE
     python audio_gen.py --mode train                        # 30 epochs on synthetic mixtures
     python audio_gen.py --mode train --musdb_root ~/data/musdb18hq --stem vocals
     python audio_gen.py --mode train --audio_dir ~/data/speech
@@ -36,6 +42,7 @@ import random
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, NamedTuple
 
@@ -58,226 +65,99 @@ from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 # ----------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------
-SAMPLE_RATE = 16_000
-CLIP_SECONDS = 5
-CLIP_SAMPLES = SAMPLE_RATE * CLIP_SECONDS
-N_FFT = 1024
-HOP = 313  # with center padding: 1 + 80000 // 313 = 256 frames for a 5-s clip
-TIME_STRIDE = 16  # the encoder halves time four times
-LOG_FLOOR = 1e-8  # log(max(mel, floor)): silence sits ~100 dB below loud bins instead of at -inf
-MIN_INPUT_SECONDS = 0.5
-SILENCE_PEAK = 1e-4
-TARGET_RMS = 0.05  # every clip is scaled to this RMS before its mel, and the level restored after the inverse
-MIN_RMS = 1e-5  # ... but never amplified by more than TARGET_RMS / MIN_RMS (74 dB)
-FORMAT_VERSION = 4  # 2: residual autoencoder, per-step schedule; 3: + linear patch path (PCA-initialised); 4: + per-clip level
-CHECKPOINT_NAMES = {"ae": "audio_autoencoder.pt", "vae": "audio_vae.pt"}  # under models/, and the shipped ones under models/pretrained/
-PRETRAINED_DIR = Path(__file__).resolve().parent / "models" / "pretrained"  # found from any cwd
-DEFAULT_CHECKPOINT = Path("models") / CHECKPOINT_NAMES["ae"]
-PRETRAINED_CHECKPOINT = PRETRAINED_DIR / CHECKPOINT_NAMES["ae"]
-LATENT_FRAMES_PER_SECOND = SAMPLE_RATE / HOP / TIME_STRIDE  # 3.19: one latent frame per 16 mel frames
-ACTIVE_KL_NATS = 0.01  # a latent channel whose held-out KL is above this (nats per latent frame) carries information
-MUSDB_STEMS = ("vocals", "drums", "bass", "other", "mixture")
-STEMS = ("harmonic", *MUSDB_STEMS)  # harmonic = the original generator (440 Hz and its harmonics)
-DEFAULT_CORPUS_MIX = "speech=0.45,music=0.35,synthetic=0.2"  # the shipped model's draws
-CORPUS_SOURCES = ("speech", "music", "synthetic")
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus"}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    run = p.add_argument_group("run")
-    run.add_argument("--mode", choices=["train", "infer", "sample", "interpolate", "corpus"], default="train",
-                     help="train a model, reconstruct audio with it, draw new clips from a VAE's prior (sample), walk\n"
-                          "between two files in a VAE's latent space (interpolate), or render the speech + music corpus")
-    run.add_argument("--model", choices=list(CHECKPOINT_NAMES), default=None,
-                     help="train: ae (autoencoder, the default) or vae (variational: also samples and interpolates);\n"
-                          "infer/sample/interpolate read it from the checkpoint and use it only to pick the default one")
-    run.add_argument("--checkpoint", default=None,
-                     help="checkpoint path (default models/audio_autoencoder.pt, or models/audio_vae.pt for a VAE;\n"
-                          "infer, sample and interpolate fall back to the shipped one in models/pretrained/ if that is absent)")
-    run.add_argument("--resume", action="store_true", help="train: continue from --checkpoint (weights, optimizer, epoch, history)")
-    run.add_argument("--init_from", default=None,
-                     help="train: start from this checkpoint's weights and normalisation (e.g. a VAE from the shipped\n"
-                          "autoencoder); its n_mels, latent_dim and hidden_channels are used")
-    run.add_argument("--input", default=None,
-                     help="infer: reconstruct this audio file (any length, sample rate, channels); interpolate: the start")
-    run.add_argument("--input_b", default=None, help="interpolate: the end of the walk")
-    run.add_argument("--results_dir", default="results", help="where plots, wavs and audio_metrics.json go")
-    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    run.add_argument("--seed", type=int, default=0, help="seeds data generation, splits, initialisation and Griffin-Lim")
-    data = p.add_argument_group("data")
-    data.add_argument("--num_samples", type=int, default=None,
-                      help="train: synthetic clips (5 s each, 10%% held out; default 100); sample: clips to draw (default 4)")
-    data.add_argument("--stem", choices=STEMS, default="mixture",
-                      help="synthetic source, or the MUSDB18-HQ stem with --musdb_root (harmonic = original 440 Hz generator)")
-    data.add_argument("--audio_dir", default=None, help="train on every readable audio file below this folder, cut into 5-s segments")
-    data.add_argument("--musdb_root", default=None, help="MUSDB18-HQ root holding train/ and test/ track folders")
-    data.add_argument("--corpus_dir", default=None,
-                      help="corpus: where to render it; train: draw from its speech, music (mixtures and stems) and synthetic stems")
-    data.add_argument("--corpus_minutes", type=float, default=60.0,
-                      help="corpus: minutes of each source (speech, music, synthetic), 10%% of it held out")
-    data.add_argument("--corpus_mix", default=DEFAULT_CORPUS_MIX,
-                      help="train with --corpus_dir: share of training draws per source, e.g. speech=0.5,music=0.35,synthetic=0.15")
-    model = p.add_argument_group("model")
-    model.add_argument("--n_mels", type=int, default=128, help="mel bins = Conv1d input channels")
-    model.add_argument("--latent_dim", type=int, default=64, help="latent channels per latent frame (one latent frame per 16 mel frames)")
-    model.add_argument("--hidden_channels", type=int, default=192, help="channels of every layer between the mel bins and the latent")
-    model.add_argument("--kl_weight", type=float, default=0.01,
-                       help="vae: beta, the weight of the KL (nats per latent frame, divided by the 2,048 mel values a\n"
-                            "latent frame codes) against the mel MSE")
-    model.add_argument("--kl_warmup_steps", type=int, default=1000, help="vae: beta grows linearly from 0 over this many steps")
-    model.add_argument("--free_bits", type=float, default=0.0,
-                       help="vae: KL floor per latent channel (nats per latent frame) below which it is not penalised")
-    model.add_argument("--prior_components", type=int, default=16,
-                       help="vae: components of the learned prior fitted after training (0: none, only N(0, I))")
-    optim = p.add_argument_group("training")
-    optim.add_argument("--epochs", type=int, default=30, help="total epochs (with --resume: the total to reach)")
-    optim.add_argument("--batch_size", type=int, default=32, help="clips per batch (per process under torchrun)")
-    optim.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW peak learning rate: 100-step warm-up, then cosine decay to 5%% over --epochs")
-    optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on weight matrices and kernels (not biases, norms)")
-    recon = p.add_argument_group("reconstruction")
-    recon.add_argument("--griffin_lim_iters", type=int, default=32, help="Griffin-Lim iterations (momentum 0.99)")
-    recon.add_argument("--inverse", choices=["nnls", "torchaudio"], default="nnls",
-                       help="mel -> linear step: non-negative least squares (multiplicative updates) or torchaudio InverseMelScale")
-    recon.add_argument("--eval_clips", type=int, default=8, help="held-out clips taken through Griffin-Lim for waveform metrics")
-    gen = p.add_argument_group("generation (VAE)")
-    gen.add_argument("--seconds", type=float, default=5.0, help="sample: length of each clip; interpolate: of each step")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sample: T scales the prior's spread (z ~ N(0, T^2 I))")
-    gen.add_argument("--prior", choices=["mixture", "standard"], default=None,
-                     help="sample: the learned clip mixture (default, where the checkpoint has one) or N(0, I)")
-    gen.add_argument("--steps", type=int, default=6, help="interpolate: steps from --input (step 0) to --input_b (step K)")
-    p.error = _usage_error  # bad flags become one "error:" line and exit 2, like every other bad input
-    cfg = p.parse_args(argv)
-    validate(cfg)
-    return cfg
-
-
-def parse_corpus_mix(text: str | dict) -> dict[str, float]:
-    """"speech=0.5,music=0.35,synthetic=0.15" -> {source: share}, the shares normalised to sum to 1."""
-    if isinstance(text, dict):
-        return text
-    mix = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        try:
-            mix[name.strip()] = float(value)
-        except ValueError:
-            raise UsageError(f"--corpus_mix {text!r}: each part must be SOURCE=SHARE, got {part!r}") from None
-    if not set(mix) <= set(CORPUS_SOURCES) or not all(math.isfinite(v) and v >= 0 for v in mix.values()) \
-            or sum(mix.values()) <= 0:
-        raise UsageError(f"--corpus_mix {text!r}: sources are {', '.join(CORPUS_SOURCES)}, shares finite, >= 0, not all 0")
-    return {k: v / sum(mix.values()) for k, v in mix.items()}
-
-
-def _usage_error(message: str) -> None:
-    raise UsageError(message)
-
-
-class Range(NamedTuple):
-    low: float
-    high: float
-    low_open: bool = False  # True: the value must be above low, not equal to it
-
-    def check(self, name: str, value: float) -> None:
-        if not (math.isfinite(value) and (value > self.low if self.low_open else value >= self.low) and value <= self.high):
-            show = lambda x: f"{int(x):,}" if float(x).is_integer() else f"{x:g}"  # noqa: E731
-            bounds = f"{'(' if self.low_open else '['}{show(self.low)}, {show(self.high)}]"
-            what = "a whole number" if isinstance(value, int) else "a finite number"
-            raise UsageError(f"--{name} must be {what} in {bounds}, got {value}")
-
-
-# Every number a user types, with the range where it means something and whose cost stays sane on one machine.
-FLAG_RANGES = {
-    "epochs": Range(1, 10_000), "batch_size": Range(1, 4096), "num_samples": Range(1, 100_000),
-    "n_mels": Range(16, 512), "latent_dim": Range(1, 1024), "hidden_channels": Range(1, 4096),
-    "griffin_lim_iters": Range(1, 1000), "eval_clips": Range(1, 1000), "seed": Range(0, 2**32 - 1),
-    "corpus_minutes": Range(0, 6000, low_open=True),  # 100 hours per source
-    "learning_rate": Range(0, 1, low_open=True), "weight_decay": Range(0, 10),
-    "kl_weight": Range(0, 100), "kl_warmup_steps": Range(0, 10**7), "free_bits": Range(0, 100),
-    "prior_components": Range(0, 256),
-    "seconds": Range(MIN_INPUT_SECONDS, 600), "temperature": Range(0, 10), "steps": Range(1, 100),
-}
-SAMPLE_SECONDS_LIMIT = 3600  # --mode sample: num_samples x seconds above an hour of audio is refused
-
-
-def validate(cfg: argparse.Namespace) -> None:
-    """Check every flag before anything runs: bad input is one line and exit 2, never a traceback mid-run."""
-    if cfg.num_samples is None:
-        cfg.num_samples = 4 if cfg.mode == "sample" else 100
-    for name, bounds in FLAG_RANGES.items():
-        bounds.check(name, getattr(cfg, name))
-    if cfg.mode == "train" and not (cfg.audio_dir or cfg.musdb_root or cfg.corpus_dir) and cfg.num_samples < 2:
-        raise UsageError("--num_samples must be at least 2 (one clip is held out for validation)")
-    if cfg.mode == "sample" and cfg.num_samples * cfg.seconds > SAMPLE_SECONDS_LIMIT:
-        raise UsageError(f"--num_samples {cfg.num_samples} x --seconds {cfg.seconds:g} asks for more than "
-                         f"{SAMPLE_SECONDS_LIMIT} s of audio; draw it in several runs")
-    if sum(bool(x) for x in (cfg.audio_dir, cfg.musdb_root, cfg.corpus_dir if cfg.mode == "train" else None)) > 1:
-        raise UsageError("give one of --audio_dir, --musdb_root and --corpus_dir, not several")
-    if cfg.mode == "corpus" and not cfg.corpus_dir:
-        raise UsageError("--mode corpus needs --corpus_dir, the folder to render the corpus into")
-    cfg.corpus_mix = parse_corpus_mix(cfg.corpus_mix)
-    if cfg.musdb_root and cfg.stem == "harmonic":
-        raise UsageError(f"--stem harmonic is synthetic only; with --musdb_root use one of {', '.join(MUSDB_STEMS)}")
-    if cfg.resume and cfg.mode != "train":
-        raise UsageError("--resume applies to --mode train only")
-    if cfg.resume and cfg.init_from:
-        raise UsageError("give --resume (continue a run) or --init_from (start a new one from its weights), not both")
-    if cfg.init_from and cfg.mode != "train":
-        raise UsageError("--init_from applies to --mode train only")
-    if cfg.input and cfg.mode not in ("infer", "interpolate"):
-        raise UsageError("--input applies to --mode infer and --mode interpolate only")
-    if cfg.mode == "interpolate" and not (cfg.input and cfg.input_b):
-        raise UsageError("--mode interpolate needs --input A and --input_b B, the two ends of the walk")
-    if cfg.input_b and cfg.mode != "interpolate":
-        raise UsageError("--input_b applies to --mode interpolate only")
-    for flag in ("input", "input_b", "init_from"):
-        if getattr(cfg, flag):
-            check_readable_file(getattr(cfg, flag), f"--{flag}")
-    if cfg.mode != "corpus":
-        check_writable_dir(cfg.results_dir, "--results_dir")
-    if cfg.mode == "corpus":
-        check_writable_dir(cfg.corpus_dir, "--corpus_dir")
-    elif cfg.mode == "train":
-        checkpoint = Path(cfg.checkpoint or Path("models") / CHECKPOINT_NAMES[cfg.model or "ae"])
-        if checkpoint.is_dir():
-            raise UsageError(f"--checkpoint {checkpoint} is a folder; name the checkpoint file to write")
-        check_writable_dir(checkpoint.parent, "--checkpoint's folder")
-    elif cfg.checkpoint and Path(cfg.checkpoint).is_dir():
-        raise UsageError(f"--checkpoint {cfg.checkpoint} is a folder, not a checkpoint file")
-
-
-def check_readable_file(path: str | Path, flag: str) -> None:
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder, not a file")
-    if not path.is_file():
-        raise UsageError(f"{flag} {path} does not exist")
-    try:
-        path.open("rb").close()
-    except OSError as e:
-        raise UsageError(f"{flag} {path} cannot be read ({e.strerror})") from None
-
-
-def check_writable_dir(path: str | Path, flag: str) -> None:
-    """A folder that exists or can be created, and can be written: probed by writing, as permissions alone lie for
-    root and for read-only mounts. Nothing is created here; the first write makes the folder."""
-    path = Path(path)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError:
-        raise UsageError(f"{flag} {path}: {existing} is not writable") from None
-
-
-# ----------------------------------------------------------------------------
 # Utilities (kept identical in image_gen.py and audio_gen.py; tests/test_shared.py checks)
 # ----------------------------------------------------------------------------
 class UsageError(Exception):
     """Bad input: main() prints it as one line on stderr and exits with status 2."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting takes: a finite `number` from low to high, either end excluded when open.
+
+    `why` names what an upper limit protects (memory, time, the data), so that a refusal says it.
+    """
+
+    number: type  # int or float
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    why: str = ""
+
+    def __contains__(self, value: object) -> bool:
+        allowed = (int,) if self.number is int else (int, float)
+        return (isinstance(value, allowed) and not isinstance(value, bool) and math.isfinite(value)
+                and (value > self.low if self.open_low else value >= self.low)
+                and (value < self.high if self.open_high else value <= self.high))
+
+    def describe(self) -> str:
+        low = f"{'>' if self.open_low else '>='} {self.low:,}"
+        if self.high == math.inf:
+            return low
+        if not self.open_low and not self.open_high:
+            return f"between {self.low:,} and {self.high:,}"
+        return f"{low} and {'<' if self.open_high else '<='} {self.high:,}"
+
+
+def check_number(name: str, value: object, shown: str | None = None) -> None:
+    """Refuse a value outside LIMITS[name] in one sentence; `shown` is how the caller spells the name."""
+    bounds = LIMITS[name]
+    if value not in bounds:
+        too_big = bounds.why and isinstance(value, (int, float)) and value > bounds.high
+        raise UsageError(f"{shown or '--' + name} must be {'a whole' if bounds.number is int else 'a finite'} "
+                         f"number {bounds.describe()}{f' ({bounds.why})' if too_big else ''}, got {value!r}")
+
+
+def check_writable_dir(folder: Path, flag: str, given: Path | None = None) -> None:
+    """`folder` is a folder, or can be made one, that takes new files: found out before the work, not after.
+
+    `given` is the path as the user typed it, when `folder` is derived from it (a checkpoint's parent).
+    """
+    given = folder if given is None else given
+    existing = folder
+    while not os.path.exists(existing):  # the nearest part of the path that is already there
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        where = "" if existing == given else f": {existing}"
+        raise UsageError(f"{flag} {given}{where} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {given}: cannot write in {existing} ({error.strerror or error})") from None
+
+
+def check_readable_file(path: Path, what: str, missing_hint: str = "") -> None:
+    """`path` is a file this process can open, else one sentence saying what it is instead."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder, not a file")
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path} does not exist{missing_hint}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{what} {path} cannot be read ({error.strerror or error})") from None
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UsageError: one line on stderr and exit status 2, like every bad input."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+class ReferenceHelpFormatter(argparse.HelpFormatter):
+    """--help as a reference: each flag's meaning, its default (unless the text gives it) and its range."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        notes = []
+        if action.default not in (None, argparse.SUPPRESS) and "(default" not in action.help:
+            notes.append("default: %(default)s")
+        if action.dest in LIMITS:
+            notes.append(LIMITS[action.dest].describe())
+        return f"{action.help} ({'; '.join(notes)})" if notes else action.help
 
 
 def seed_everything(seed: int) -> None:
@@ -321,6 +201,193 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------
+SAMPLE_RATE = 16_000
+CLIP_SECONDS = 5
+CLIP_SAMPLES = SAMPLE_RATE * CLIP_SECONDS
+N_FFT = 1024
+HOP = 313  # with center padding: 1 + 80000 // 313 = 256 frames for a 5-s clip
+TIME_STRIDE = 16  # the encoder halves time four times
+LOG_FLOOR = 1e-8  # log(max(mel, floor)): silence sits ~100 dB below loud bins instead of at -inf
+MIN_INPUT_SECONDS = 0.5
+SILENCE_PEAK = 1e-4
+TARGET_RMS = 0.05  # every clip is scaled to this RMS before its mel, and the level restored after the inverse
+MIN_RMS = 1e-5  # ... but never amplified by more than TARGET_RMS / MIN_RMS (74 dB)
+FORMAT_VERSION = 4  # 2: residual autoencoder, per-step schedule; 3: + linear patch path (PCA-initialised); 4: + per-clip level
+CHECKPOINT_NAMES = {"ae": "audio_autoencoder.pt", "vae": "audio_vae.pt"}  # under models/, and the shipped ones under models/pretrained/
+PRETRAINED_DIR = Path(__file__).resolve().parent / "models" / "pretrained"  # found from any cwd
+DEFAULT_CHECKPOINT = Path("models") / CHECKPOINT_NAMES["ae"]
+PRETRAINED_CHECKPOINT = PRETRAINED_DIR / CHECKPOINT_NAMES["ae"]
+LATENT_FRAMES_PER_SECOND = SAMPLE_RATE / HOP / TIME_STRIDE  # 3.19: one latent frame per 16 mel frames
+ACTIVE_KL_NATS = 0.01  # a latent channel whose held-out KL is above this (nats per latent frame) carries information
+MUSDB_STEMS = ("vocals", "drums", "bass", "other", "mixture")
+STEMS = ("harmonic", *MUSDB_STEMS)  # harmonic = the original generator (440 Hz and its harmonics)
+DEFAULT_CORPUS_MIX = "speech=0.45,music=0.35,synthetic=0.2"  # the shipped model's draws
+CORPUS_SOURCES = ("speech", "music", "synthetic")
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=ReferenceHelpFormatter,
+                           epilog="Bad input (a flag out of range, a path that cannot be used, audio that is not finite or "
+                                  "silent, a checkpoint of another kind) stops before any work with one `error:` line and "
+                                  "exit status 2.")
+    run = p.add_argument_group("what to run, and where")
+    run.add_argument("--mode", choices=["train", "infer", "sample", "interpolate", "corpus"], default="train",
+                     help="train a model, reconstruct audio with it, draw new clips from a VAE's prior (sample), walk "
+                          "between two files in a VAE's latent space (interpolate), or render the speech + music corpus")
+    run.add_argument("--model", choices=list(CHECKPOINT_NAMES), default=None,
+                     help="train: ae (autoencoder, the default) or vae (variational: also samples and interpolates); "
+                          "infer/sample/interpolate read it from the checkpoint and use it only to pick the default one")
+    run.add_argument("--checkpoint", default=None,
+                     help="checkpoint path (default models/audio_autoencoder.pt, or models/audio_vae.pt for a VAE; "
+                          "infer, sample and interpolate fall back to the shipped one in models/pretrained/ if that is absent)")
+    run.add_argument("--resume", action="store_true", help="train: continue from --checkpoint (weights, optimizer, epoch, history)")
+    run.add_argument("--init_from", default=None,
+                     help="train: start from this checkpoint's weights and normalisation (e.g. a VAE from the shipped "
+                          "autoencoder); its n_mels, latent_dim and hidden_channels are used")
+    run.add_argument("--input", default=None,
+                     help="infer: reconstruct this audio file (any length, sample rate, channels); interpolate: the start")
+    run.add_argument("--input_b", default=None, help="interpolate: the end of the walk")
+    run.add_argument("--results_dir", default="results", help="where plots, wavs and audio_metrics.json go")
+    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    run.add_argument("--seed", type=int, default=0, help="seeds data generation, splits, initialisation and Griffin-Lim")
+    data = p.add_argument_group("data")
+    data.add_argument("--num_samples", type=int, default=None,
+                      help="train: synthetic clips (5 s each, 10%% held out; default 100); sample: clips to draw (default 4)")
+    data.add_argument("--stem", choices=STEMS, default="mixture",
+                      help="synthetic source, or the MUSDB18-HQ stem with --musdb_root (harmonic = original 440 Hz generator)")
+    data.add_argument("--audio_dir", default=None, help="train on every readable audio file below this folder, cut into 5-s segments")
+    data.add_argument("--musdb_root", default=None, help="MUSDB18-HQ root holding train/ and test/ track folders")
+    data.add_argument("--corpus_dir", default=None,
+                      help="corpus: where to render it; train: draw from its speech, music (mixtures and stems) and synthetic stems")
+    data.add_argument("--corpus_minutes", type=float, default=60.0,
+                      help="corpus: minutes of each source (speech, music, synthetic), 10%% of it held out")
+    data.add_argument("--corpus_mix", default=DEFAULT_CORPUS_MIX,
+                      help="train with --corpus_dir: share of training draws per source, e.g. speech=0.5,music=0.35,synthetic=0.15")
+    model = p.add_argument_group("model")
+    model.add_argument("--n_mels", type=int, default=128, help="mel bins = Conv1d input channels")
+    model.add_argument("--latent_dim", type=int, default=64, help="latent channels per latent frame (one latent frame per 16 mel frames)")
+    model.add_argument("--hidden_channels", type=int, default=192, help="channels of every layer between the mel bins and the latent")
+    model.add_argument("--kl_weight", type=float, default=0.3,
+                       help="vae: beta, the weight of the KL (nats per latent frame, divided by the 2,048 mel values a "
+                            "latent frame codes) against the mel MSE; 0.3 kept the held-out MSE within 13 %% of the "
+                            "autoencoder's at 650 bit/s in a short sweep, 1.0 cost 31 %% (docs/audio.md)")
+    model.add_argument("--kl_warmup_steps", type=int, default=1000, help="vae: beta grows linearly from 0 over this many steps")
+    model.add_argument("--free_bits", type=float, default=0.0,
+                       help="vae: KL floor per latent channel (nats per latent frame) below which it is not penalised")
+    model.add_argument("--prior_components", type=int, default=16,
+                       help="vae: components of the learned prior fitted after training (0: none, only N(0, I))")
+    optim = p.add_argument_group("training")
+    optim.add_argument("--epochs", type=int, default=30, help="total epochs (with --resume: the total to reach)")
+    optim.add_argument("--batch_size", type=int, default=32, help="clips per batch (per process under torchrun)")
+    optim.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW peak learning rate: 100-step warm-up, then cosine decay to 5%% over --epochs")
+    optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on weight matrices and kernels (not biases, norms)")
+    recon = p.add_argument_group("reconstruction")
+    recon.add_argument("--griffin_lim_iters", type=int, default=32, help="Griffin-Lim iterations (momentum 0.99)")
+    recon.add_argument("--inverse", choices=["nnls", "torchaudio"], default="nnls",
+                       help="mel -> linear step: non-negative least squares (multiplicative updates) or torchaudio InverseMelScale")
+    recon.add_argument("--eval_clips", type=int, default=8, help="held-out clips taken through Griffin-Lim for waveform metrics")
+    gen = p.add_argument_group("generation (VAE)")
+    gen.add_argument("--seconds", type=float, default=5.0, help="sample: length of each clip; interpolate: of each step")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sample: T scales the prior's spread (z ~ N(0, T^2 I))")
+    gen.add_argument("--prior", choices=["mixture", "standard"], default=None,
+                     help="sample: the learned clip mixture (default, where the checkpoint has one) or N(0, I)")
+    gen.add_argument("--steps", type=int, default=6, help="interpolate: steps from --input (step 0) to --input_b (step K)")
+    cfg = p.parse_args(argv)
+    validate(cfg)
+    return cfg
+
+
+def parse_corpus_mix(text: str | dict) -> dict[str, float]:
+    """"speech=0.5,music=0.35,synthetic=0.15" -> {source: share}, the shares normalised to sum to 1."""
+    if isinstance(text, dict):
+        return text
+    mix = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            mix[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--corpus_mix {text!r}: each part must be SOURCE=SHARE, got {part!r}") from None
+    if not set(mix) <= set(CORPUS_SOURCES) or not all(math.isfinite(v) and v >= 0 for v in mix.values()) \
+            or sum(mix.values()) <= 0:
+        raise UsageError(f"--corpus_mix {text!r}: sources are {', '.join(CORPUS_SOURCES)}, shares finite, >= 0, not all 0")
+    return {k: v / sum(mix.values()) for k, v in mix.items()}
+
+
+LIMITS = {  # every numeric flag: validate() and --help read it
+    "seed": Bounds(int, 0, 2**32 - 1, why="numpy's seed range"),
+    "num_samples": Bounds(int, 1, 100_000, why="synthetic clips are held in memory"),
+    "corpus_minutes": Bounds(float, 0, 6000, open_low=True, why="100 hours of each source"),
+    "n_mels": Bounds(int, 16, 512),
+    "latent_dim": Bounds(int, 1, 1024),
+    "hidden_channels": Bounds(int, 1, 4096, why="memory and time grow with its square"),
+    "kl_weight": Bounds(float, 0, 100),
+    "kl_warmup_steps": Bounds(int, 0, 10_000_000),
+    "free_bits": Bounds(float, 0, 100),
+    "prior_components": Bounds(int, 0, 256),
+    "epochs": Bounds(int, 1, 10_000),
+    "batch_size": Bounds(int, 1, 4096, why="a batch's mels are on the device at once"),
+    "learning_rate": Bounds(float, 0, 1, open_low=True),
+    "weight_decay": Bounds(float, 0, 10),
+    "griffin_lim_iters": Bounds(int, 1, 1000, why="each one is an STFT and an inverse STFT of the whole clip"),
+    "eval_clips": Bounds(int, 1, 1000),
+    "seconds": Bounds(float, MIN_INPUT_SECONDS, 600, why="a clip is decoded in one piece"),
+    "temperature": Bounds(float, 0, 10),
+    "steps": Bounds(int, 1, 100),
+}
+SAMPLE_SECONDS_LIMIT = 3600  # --mode sample: num_samples x seconds above an hour of audio is refused
+
+
+def validate(cfg: argparse.Namespace) -> None:
+    """Check every flag before anything runs: bad input is one line and exit 2, never a traceback mid-run."""
+    if cfg.num_samples is None:
+        cfg.num_samples = 4 if cfg.mode == "sample" else 100
+    for name in LIMITS:
+        check_number(name, getattr(cfg, name))
+    if cfg.mode == "train" and not (cfg.audio_dir or cfg.musdb_root or cfg.corpus_dir) and cfg.num_samples < 2:
+        raise UsageError("--num_samples must be at least 2 (one clip is held out for validation)")
+    if cfg.mode == "sample" and cfg.num_samples * cfg.seconds > SAMPLE_SECONDS_LIMIT:
+        raise UsageError(f"--num_samples {cfg.num_samples} x --seconds {cfg.seconds:g} asks for more than "
+                         f"{SAMPLE_SECONDS_LIMIT} s of audio; draw it in several runs")
+    if sum(bool(x) for x in (cfg.audio_dir, cfg.musdb_root, cfg.corpus_dir if cfg.mode == "train" else None)) > 1:
+        raise UsageError("give one of --audio_dir, --musdb_root and --corpus_dir, not several")
+    if cfg.mode == "corpus" and not cfg.corpus_dir:
+        raise UsageError("--mode corpus needs --corpus_dir, the folder to render the corpus into")
+    cfg.corpus_mix = parse_corpus_mix(cfg.corpus_mix)
+    if cfg.musdb_root and cfg.stem == "harmonic":
+        raise UsageError(f"--stem harmonic is synthetic only; with --musdb_root use one of {', '.join(MUSDB_STEMS)}")
+    if cfg.resume and cfg.mode != "train":
+        raise UsageError("--resume applies to --mode train only")
+    if cfg.resume and cfg.init_from:
+        raise UsageError("give --resume (continue a run) or --init_from (start a new one from its weights), not both")
+    if cfg.init_from and cfg.mode != "train":
+        raise UsageError("--init_from applies to --mode train only")
+    if cfg.input and cfg.mode not in ("infer", "interpolate"):
+        raise UsageError("--input applies to --mode infer and --mode interpolate only")
+    if cfg.mode == "interpolate" and not (cfg.input and cfg.input_b):
+        raise UsageError("--mode interpolate needs --input A and --input_b B, the two ends of the walk")
+    if cfg.input_b and cfg.mode != "interpolate":
+        raise UsageError("--input_b applies to --mode interpolate only")
+    for flag in ("input", "input_b", "init_from"):
+        if getattr(cfg, flag):
+            check_readable_file(Path(getattr(cfg, flag)), f"--{flag}")
+    if cfg.mode != "corpus":
+        check_writable_dir(Path(cfg.results_dir), "--results_dir")
+    if cfg.mode == "corpus":
+        check_writable_dir(Path(cfg.corpus_dir), "--corpus_dir")
+    elif cfg.mode == "train":
+        checkpoint = Path(cfg.checkpoint or Path("models") / CHECKPOINT_NAMES[cfg.model or "ae"])
+        if checkpoint.is_dir():
+            raise UsageError(f"--checkpoint {checkpoint} is a folder; name the checkpoint file to write")
+        check_writable_dir(checkpoint.parent, "--checkpoint", checkpoint)
+    elif cfg.checkpoint and Path(cfg.checkpoint).is_dir():
+        raise UsageError(f"--checkpoint {cfg.checkpoint} is a folder, not a checkpoint file")
 
 
 # ----------------------------------------------------------------------------
@@ -1489,10 +1556,9 @@ def load_checkpoint(path: Path, resume: bool = False, model: str | None = None) 
                          f"this script reads version {FORMAT_VERSION}")
     config = ckpt["config"]
     for name in ("n_mels", "latent_dim", "hidden_channels"):  # a doctored config must not build a giant model
-        bounds = FLAG_RANGES[name]
-        if not isinstance(config.get(name), int) or not bounds.low <= config[name] <= bounds.high:
-            raise UsageError(f"checkpoint {path}: its config has {name} {config.get(name)!r}, outside "
-                             f"[{bounds.low:g}, {bounds.high:g}]")
+        if config.get(name) not in LIMITS[name]:
+            raise UsageError(f"checkpoint {path}: its config has {name} {config.get(name)!r}, not "
+                             f"{LIMITS[name].describe()}")
     if config.get("model", "ae") not in CHECKPOINT_NAMES:
         raise UsageError(f"checkpoint {path}: its config has model {config['model']!r}, not one of {', '.join(CHECKPOINT_NAMES)}")
     if resume and not {"optimizer", "scheduler", "history"} <= ckpt.keys():
@@ -1535,7 +1601,7 @@ def train(cfg: argparse.Namespace) -> None:
         cfg.model = model_kind(ckpt)
         if ckpt["epoch"] >= cfg.epochs:
             raise UsageError(f"checkpoint {checkpoint} already has {ckpt['epoch']} epochs; pass --epochs above that to resume")
-    if cfg.init_from:  # a new run from trained weights: the architecture and the input normalisation come with them
+    if cfg.init_from and ckpt is None:  # a new run from trained weights: the architecture and normalisation come with them
         start = load_checkpoint(Path(cfg.init_from))
         vars(cfg).update({k: start["config"][k] for k in ("n_mels", "latent_dim", "hidden_channels")})
     data = build_datasets(cfg)  # bad data fails here, before anything is written

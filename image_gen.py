@@ -74,8 +74,12 @@ FID_EPOCHS = (1, 5, 10, 20)  # epochs that get a sample grid and an FID, plus th
 
 
 # ----------------------------------------------------------------------------
-# Config
+# Utilities (kept identical in image_gen.py and audio_gen.py; tests/test_shared.py checks)
 # ----------------------------------------------------------------------------
+class UsageError(Exception):
+    """Bad input: main() prints it as one line on stderr and exits with status 2."""
+
+
 @dataclass(frozen=True)
 class Bounds:
     """The values a numeric setting takes: a finite `number` from low to high, either end excluded when open.
@@ -103,29 +107,6 @@ class Bounds:
         if not self.open_low and not self.open_high:
             return f"between {self.low:,} and {self.high:,}"
         return f"{low} and {'<' if self.open_high else '<='} {self.high:,}"
-
-
-LIMITS = {  # every numeric flag, and generate()'s arguments of the same meaning: validate() and --help read it
-    "seed": Bounds(int, 0, 2**32 - 1, why="numpy's seed range"),
-    "base_channels": Bounds(int, 8, 512, why="memory and time grow with its square"),
-    "timesteps": Bounds(int, 1, 10_000, why="DDPM sampling runs every one of them"),
-    "latent_dim": Bounds(int, 1, 1024),
-    "epochs": Bounds(int, 1, 10_000),
-    "batch_size": Bounds(int, 1, 4096, why="a batch's activations are on the device at once"),
-    "learning_rate": Bounds(float, 0, open_low=True),
-    "d_learning_rate": Bounds(float, 0, open_low=True),
-    "warmup_steps": Bounds(int, 0, 10_000_000),
-    "ema_decay": Bounds(float, 0, 1, open_high=True),
-    "label_dropout": Bounds(float, 0, 1),
-    "subset": Bounds(int, 1, 60_000, why="MNIST has 60,000 training images"),
-    "num_samples": Bounds(int, 1, 1000, why="the grid, the animation and the PNGs are drawn as one batch"),
-    "sample_steps": Bounds(int, 1, 10_000, why="no schedule here has more timesteps"),
-    "eta": Bounds(float, 0, 1),
-    "digit": Bounds(int, 0, 9),
-    "guidance_scale": Bounds(float, 0, 20),
-    "fid_samples": Bounds(int, 0, 50_000, why="FID-50k, the largest count the literature uses"),
-    "fid_reference_size": Bounds(int, 2, 10_000, why="the MNIST test set has 10,000 images"),
-}
 
 
 def check_number(name: str, value: object, shown: str | None = None) -> None:
@@ -167,6 +148,94 @@ def check_readable_file(path: Path, what: str, missing_hint: str = "") -> None:
             pass
     except OSError as error:
         raise UsageError(f"{what} {path} cannot be read ({error.strerror or error})") from None
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UsageError: one line on stderr and exit status 2, like every bad input."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+class ReferenceHelpFormatter(argparse.HelpFormatter):
+    """--help as a reference: each flag's meaning, its default (unless the text gives it) and its range."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        notes = []
+        if action.default not in (None, argparse.SUPPRESS) and "(default" not in action.help:
+            notes.append("default: %(default)s")
+        if action.dest in LIMITS:
+            notes.append(LIMITS[action.dest].describe())
+        return f"{action.help} ({'; '.join(notes)})" if notes else action.help
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Join the process group when launched by torchrun; return (rank, world_size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """cuda when available, else cpu; under torchrun each rank takes its LOCAL_RANK GPU."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device name (try cpu or cuda)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} asked for, but no CUDA device is available here")
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file beside `path`, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------
+LIMITS = {  # every numeric flag, and generate()'s arguments of the same meaning: validate() and --help read it
+    "seed": Bounds(int, 0, 2**32 - 1, why="numpy's seed range"),
+    "base_channels": Bounds(int, 8, 512, why="memory and time grow with its square"),
+    "timesteps": Bounds(int, 1, 10_000, why="DDPM sampling runs every one of them"),
+    "latent_dim": Bounds(int, 1, 1024),
+    "epochs": Bounds(int, 1, 10_000),
+    "batch_size": Bounds(int, 1, 4096, why="a batch's activations are on the device at once"),
+    "learning_rate": Bounds(float, 0, open_low=True),
+    "d_learning_rate": Bounds(float, 0, open_low=True),
+    "warmup_steps": Bounds(int, 0, 10_000_000),
+    "ema_decay": Bounds(float, 0, 1, open_high=True),
+    "label_dropout": Bounds(float, 0, 1),
+    "subset": Bounds(int, 1, 60_000, why="MNIST has 60,000 training images"),
+    "num_samples": Bounds(int, 1, 1000, why="the grid, the animation and the PNGs are drawn as one batch"),
+    "sample_steps": Bounds(int, 1, 10_000, why="no schedule here has more timesteps"),
+    "eta": Bounds(float, 0, 1),
+    "digit": Bounds(int, 0, 9),
+    "guidance_scale": Bounds(float, 0, 20),
+    "fid_samples": Bounds(int, 0, 50_000, why="FID-50k, the largest count the literature uses"),
+    "fid_reference_size": Bounds(int, 2, 10_000, why="the MNIST test set has 10,000 images"),
+}
 
 
 RESULT_FILES = ("training_loss.png", "final_samples.png", "denoising.gif", "latent_interpolation.gif",
@@ -262,13 +331,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return validate(p.parse_args(argv))
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a UsageError: one line on stderr and exit status 2, like every bad input."""
-
-    def error(self, message: str) -> None:
-        raise UsageError(message)
-
-
 def validate(args: argparse.Namespace) -> argparse.Namespace:
     """Reject bad settings up front with one sentence, before anything is loaded or written."""
     if args.fid_samples is None:
@@ -292,68 +354,6 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.base_channels % 8:
         raise UsageError(f"--base_channels must be a multiple of 8 (GroupNorm groups), got {args.base_channels}")
     return args
-
-
-class ReferenceHelpFormatter(argparse.HelpFormatter):
-    """--help as a reference: each flag's meaning, its default (unless the text gives it) and its range."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        notes = []
-        if action.default not in (None, argparse.SUPPRESS) and "(default" not in action.help:
-            notes.append("default: %(default)s")
-        if action.dest in LIMITS:
-            notes.append(LIMITS[action.dest].describe())
-        return f"{action.help} ({'; '.join(notes)})" if notes else action.help
-
-
-# ----------------------------------------------------------------------------
-# Utilities (kept identical in image_gen.py and audio_gen.py; tests/test_shared.py checks)
-# ----------------------------------------------------------------------------
-class UsageError(Exception):
-    """Bad input: main() prints it as one line on stderr and exits with status 2."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def setup_distributed() -> tuple[int, int]:
-    """Join the process group when launched by torchrun; return (rank, world_size)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """cuda when available, else cpu; under torchrun each rank takes its LOCAL_RANK GPU."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device name (try cpu or cuda)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name} asked for, but no CUDA device is available here")
-        if device.index is None and "LOCAL_RANK" in os.environ:
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file beside `path`, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------

@@ -484,7 +484,7 @@ def vae(tmp_path_factory) -> Path:
 
 def test_a_tiny_vae_trains_with_a_finite_positive_kl(vae):
     ckpt = torch.load(vae / "models" / "audio_vae.pt", weights_only=True)
-    assert ckpt["config"]["model"] == "vae" and ckpt["config"]["kl_weight"] == 0.01
+    assert ckpt["config"]["model"] == "vae" and ckpt["config"]["kl_weight"] == 0.3
     history = ckpt["history"]
     assert all(np.isfinite(history[k]).all() and min(history[k]) > 0 for k in ("train_kl", "val_kl_nats", "train_recon"))
     latent = json.loads((vae / "results" / "audio_metrics.json").read_text())["train"]["latent"]
