@@ -199,8 +199,9 @@ def problem_response(status: int, detail: str, headers: dict[str, str] | None = 
 
 async def on_http_error(request: Request, error: HTTPException) -> Response:
     """404, 405, 401 and every Problem raised by this file."""
-    if error.status_code == 400 and error.detail == FASTAPI_UNPARSED:  # e.g. a number past Python's 4300 digits
-        return problem_response(422, "the body could not be parsed: send JSON with numbers of at most 4300 digits")
+    if error.status_code == 400 and error.detail == FASTAPI_UNPARSED:  # past Python's 4300 digits, or nesting depth
+        return problem_response(422, "the body could not be parsed as JSON: nested too deeply, or a number of more "
+                                     "than 4300 digits")
     return problem_response(error.status_code, str(error.detail), error.headers, **getattr(error, "extensions", {}))
 
 
