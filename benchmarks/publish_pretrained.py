@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/publish_pretrained.py --image_run RUN_DIR --audio_run RUN_DIR
     .venv/bin/python benchmarks/publish_pretrained.py --gan_run RUN_DIR
+    .venv/bin/python benchmarks/publish_pretrained.py --vae_run RUN_DIR
 
 RUN_DIR is what a training command left behind: its checkpoint (diffusion_model.pt,
-gan_model.pt or audio_autoencoder.pt) beside the results/ folder it wrote. The checkpoints
+gan_model.pt, audio_autoencoder.pt or audio_vae.pt) beside the results/ folder it wrote. The checkpoints
 lose their optimizer state (the image models keep their EMA weights as their only weights,
 and the GAN drops its discriminator), so that they are small and load with weights_only=True;
 the pictures and wavs go to docs/.
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--image_run", type=Path, help="folder with diffusion_model.pt and results/")
     parser.add_argument("--gan_run", type=Path, help="folder with gan_model.pt and results/")
     parser.add_argument("--audio_run", type=Path, help="folder with audio_autoencoder.pt and results/")
+    parser.add_argument("--vae_run", type=Path, help="folder with audio_vae.pt and results/")
     args = parser.parse_args()
     images = ROOT / "docs" / "images"
     if args.image_run:
@@ -66,6 +68,9 @@ def main() -> None:
             copy(results / name, images / name)
         for wav in sorted(results.glob("audio_*.wav")):
             copy(wav, ROOT / "docs" / "audio" / wav.name)
+    if args.vae_run:  # the learned prior stays: it is what --mode sample draws from
+        inference_only(args.vae_run / "audio_vae.pt", ROOT / "models" / "pretrained" / "audio_vae.pt")
+        copy(args.vae_run / "results" / "training_curves.png", images / "vae_training_curves.png")
 
 
 if __name__ == "__main__":

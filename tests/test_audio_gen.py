@@ -544,3 +544,19 @@ def test_sample_and_interpolate_refuse_an_autoencoder(trained, tmp_path):
         proc = run(*args, "--checkpoint", checkpoint, cwd=tmp_path)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "autoencoder" in proc.stderr, proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_the_clip_mixture_prior_finds_two_kinds_of_clip():
+    """Clips of two kinds (all frames near +2 in the first channels, or near -2), 70 / 30: EM recovers the shares and
+    the means, and a sample keeps one kind for all of its frames."""
+    g = torch.Generator().manual_seed(0)
+    kind = torch.rand(400, generator=g) < 0.7
+    centre = torch.where(kind[:, None], 2.0, -2.0) * (torch.arange(8) < 4)  # (400, 8)
+    z = centre[:, :, None] + 0.3 * torch.randn(400, 8, 16, generator=g)  # (N, D, T)
+    prior = ag.ClipMixturePrior.fit(z, components=2, seed=0)
+    order = prior.weights.argsort(descending=True)
+    assert prior.weights[order].tolist() == pytest.approx([kind.float().mean().item(), 1 - kind.float().mean().item()], abs=0.01)
+    assert torch.allclose(prior.means[order], torch.stack([centre[kind][0], centre[~kind][0]]), atol=0.1)
+    samples = prior.sample(50, 16, 1.0, torch.Generator().manual_seed(1))  # (50, 8, 16)
+    first = samples[:, 0, :]  # each clip's first channel over its frames
+    assert ((first > 0).all(dim=1) | (first < 0).all(dim=1)).all()  # no clip mixes the two kinds
