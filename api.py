@@ -436,10 +436,9 @@ class AudioSampleRequest(BaseModel):
     temperature: float = Field(1.0, **within(TEMPERATURE),
                                description="scales the prior's spread: 0 its means, 1 as trained, above 1 wilder")
     prior: Literal["mixture", "standard"] | None = Field(
-        None, description="mixture: the clip-mixture prior learned at training; standard: N(0, I) per latent frame; "
+        None, description="mixture: the clip-mixture prior learned at training; standard: N(0, T^2 I) per latent frame; "
                           "null: mixture where the checkpoint has one, else standard")
-    seed: int = Field(0, **within(AUDIO_SEED), description="the same seed and settings give the "
-                                                                               "same clips")
+    seed: int = Field(0, **within(AUDIO_SEED), description="the same seed and settings give the same clips")
     griffin_lim_iters: int = Field(32, ge=1, le=MAX_GRIFFIN_LIM_ITERS, description="Griffin-Lim iterations")
 
     @model_validator(mode="after")

@@ -167,6 +167,12 @@ def test_openapi_shows_the_limits_and_docs_need_no_network(client):
     upload = next(s for name, s in schema["components"]["schemas"].items() if "reconstruct" in name)
     assert upload["properties"]["griffin_lim_iters"]["maximum"] == api.MAX_GRIFFIN_LIM_ITERS
     assert "60 s" in schema["info"]["description"] and "10 MB" in schema["info"]["description"]
+    sample = schema["components"]["schemas"]["AudioSampleRequest"]
+    assert sample["properties"]["num_samples"]["maximum"] == api.MAX_AUDIO_SAMPLES and "30 s" in sample["description"]
+    assert sample["properties"]["temperature"]["maximum"] == 10 and sample["properties"]["seconds"]["maximum"] == 30
+    walk = next(s for name, s in schema["components"]["schemas"].items() if "interpolate" in name)
+    assert walk["properties"]["steps"]["maximum"] == api.MAX_INTERPOLATION_STEPS and set(walk["required"]) == {"a", "b"}
+    assert {"audio/wav", "application/json"} <= schema["paths"]["/v1/audio/sample"]["post"]["responses"]["200"]["content"].keys()
     docs = client.get("/docs").text
     assert "/static/swagger-ui-bundle.js" in docs and "cdn" not in docs
     assert client.get("/static/swagger-ui-bundle.js").status_code == 200
