@@ -70,9 +70,7 @@ DDPM_STEPS = 1000  # ancestral sampling walks every timestep T of the shipped mo
 GUIDANCE = image_gen.LIMITS["guidance_scale"]
 ETA, DIGIT, SEED = image_gen.LIMITS["eta"], image_gen.LIMITS["digit"], image_gen.LIMITS["seed"]
 MAX_GUIDANCE_SCALE = GUIDANCE.high
-AUDIO_LIMITS = audio_gen.LIMITS if hasattr(audio_gen, "LIMITS") else {  # before audio_gen moved to image_gen's Bounds
-    name: image_gen.Bounds(number, audio_gen.FLAG_RANGES[name].low, audio_gen.FLAG_RANGES[name].high)
-    for name, number in (("temperature", float), ("seconds", float), ("seed", int))}
+AUDIO_LIMITS = audio_gen.LIMITS
 TEMPERATURE, CLIP_SECONDS, AUDIO_SEED = AUDIO_LIMITS["temperature"], AUDIO_LIMITS["seconds"], AUDIO_LIMITS["seed"]
 MAX_GRIFFIN_LIM_ITERS = 256  # tighter than audio_gen's 1000: 30 s at 256 iterations is ~26 s on one CPU thread
 MAX_UPLOAD_MB = 10  # also .streamlit/config.toml's server.maxUploadSize, so the web app refuses what the API does
