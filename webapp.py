@@ -52,22 +52,24 @@ VAE_CHECKPOINT = os.environ.get("IAG_VAE_CHECKPOINT")  # unset: models/audio_vae
 # Models: loaded once per process, shared by every session, one call at a time each
 # ----------------------------------------------------------------------------
 @st.cache_resource(show_spinner="Loading the image models…")
-def image_models() -> dict[str, tuple[image_gen.ImageGenerator, threading.Lock]]:
+def image_models(checkpoint: str | None, gan_checkpoint: str | None) -> dict[str, tuple[image_gen.ImageGenerator,
+                                                                                        threading.Lock]]:
+    """Keyed by the checkpoints, as every cached model here, so that other IAG_* settings get their own."""
     torch.set_num_threads(TORCH_THREADS)
-    models = {"diffusion": (image_gen.load_image_generator(IMAGE_CHECKPOINT, model="diffusion"), threading.Lock())}
+    models = {"diffusion": (image_gen.load_image_generator(checkpoint, model="diffusion"), threading.Lock())}
     try:
-        models["gan"] = (image_gen.load_image_generator(GAN_CHECKPOINT, model="gan"), threading.Lock())
+        models["gan"] = (image_gen.load_image_generator(gan_checkpoint, model="gan"), threading.Lock())
     except image_gen.UsageError:
-        if GAN_CHECKPOINT:
+        if gan_checkpoint:
             raise
         # no GAN checkpoint trained or shipped: diffusion only
     return models
 
 
 @st.cache_resource(show_spinner="Loading the audio autoencoder…")
-def audio_model() -> tuple[audio_gen.AudioModel, threading.Lock]:
+def audio_model(checkpoint: str | None) -> tuple[audio_gen.AudioModel, threading.Lock]:
     torch.set_num_threads(TORCH_THREADS)
-    return audio_gen.load_audio_model(AUDIO_CHECKPOINT), threading.Lock()
+    return audio_gen.load_audio_model(checkpoint), threading.Lock()
 
 
 @st.cache_resource(show_spinner="Loading the audio VAE…")
@@ -168,7 +170,7 @@ def figures_for(model: str, sampler: str, steps: int, eta: float, guidance: floa
 
 
 def digits_tab() -> None:
-    models = image_models()
+    models = image_models(IMAGE_CHECKPOINT, GAN_CHECKPOINT)
     model = st.radio("Model", list(models), horizontal=True, key="model", help="the GAN appears here once one is trained")
     generator, lock = models[model]
     with st.form("digits"):
@@ -258,7 +260,7 @@ def checked_audio(upload, seconds: float | None = None) -> torch.Tensor:
 
 
 def audio_tab() -> None:
-    model, lock = audio_model()
+    model, lock = audio_model(AUDIO_CHECKPOINT)
     source = st.radio("Audio", ["Upload a file", "Record with the microphone"], horizontal=True, key="source")
     if source == "Upload a file":
         upload = st.file_uploader(f"{api.AUDIO_FORMATS}, at most {api.MAX_AUDIO_SECONDS:g} s",
@@ -404,13 +406,9 @@ except audio_gen.UsageError as error:  # a VAE named by IAG_VAE_CHECKPOINT that 
     st.error(f"The audio VAE could not be loaded: {error}")
     served_vae = None
 tabs = st.tabs(["Digits", "Audio", *(["Audio VAE"] if served_vae else [])])
-try:
-    with tabs[0]:
-        digits_tab()
-    with tabs[1]:
-        audio_tab()
-    if served_vae:
-        with tabs[2]:
-            vae_tab(*served_vae)
-except (image_gen.UsageError, audio_gen.UsageError) as error:  # a checkpoint that does not load
-    st.error(f"The models could not be loaded: {error}")
+for tab, draw in zip(tabs, [digits_tab, audio_tab, lambda: vae_tab(*served_vae)]):
+    with tab:
+        try:
+            draw()
+        except (image_gen.UsageError, audio_gen.UsageError) as error:  # a checkpoint that does not load
+            st.error(f"The model could not be loaded: {error}")  # the other tabs still work

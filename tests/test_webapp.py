@@ -166,6 +166,22 @@ def test_a_named_vae_that_does_not_load_is_one_message_and_the_rest_works(monkey
     assert len(at.error) == 1 and "autoencoder" in at.error[0].value
 
 
+def test_an_audio_checkpoint_that_is_a_folder_is_one_message_in_its_tab(monkeypatch, tmp_path):
+    monkeypatch.setenv("IAG_AUDIO_CHECKPOINT", str(tmp_path))
+    at = page(monkeypatch, "none")
+    assert len(at.error) == 1 and "is a folder" in at.error[0].value
+    assert at.selectbox(key="sampler").value == "ddim"  # the Digits tab still works
+
+
+def test_a_truncated_image_checkpoint_is_one_message_and_audio_still_works(monkeypatch, tmp_path):
+    truncated = tmp_path / "diffusion_model.pt"
+    truncated.write_bytes((ROOT / "models" / "pretrained" / "diffusion_model.pt").read_bytes()[:4096])
+    monkeypatch.setenv("IAG_IMAGE_CHECKPOINT", str(truncated))
+    at = page(monkeypatch, "none")
+    assert len(at.error) == 1 and "readable" in at.error[0].value
+    assert at.radio(key="source").value == "Upload a file"  # the Audio tab still works
+
+
 @pytest.mark.parametrize("threads", ["many", "0", "1e9"])
 def test_a_bad_thread_count_in_the_environment_is_one_message(monkeypatch, threads):
     monkeypatch.setenv("IAG_TORCH_THREADS", threads)
