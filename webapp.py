@@ -143,7 +143,8 @@ def mel_grid_figure(mels: torch.Tensor, titles: list[str], columns: int = 4) -> 
     for ax, mel, title in zip(axes.flat, mels, titles):
         ax.imshow(mel.numpy(), origin="lower", aspect="auto", vmin=low, vmax=high, cmap="magma")
         ax.set_title(title, fontsize=9)
-        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xticks([])  # two statements: Streamlit's magic would print a bare tuple on the page
+        ax.set_yticks([])
     for ax in axes.flat[len(mels):]:
         ax.axis("off")
     fig.tight_layout()

@@ -202,6 +202,7 @@ def test_vae_sample_shows_the_mel_grid_and_a_player_per_clip(vae_app):
     assert len(vae_app.get("audio")) == 3 and len(vae_app.image) == 1  # three players, one mel grid
     assert any(b.proto.label.startswith("Download the clips") for b in vae_app.get("download_button"))
     assert "standard prior" in " ".join(c.value for c in vae_app.caption)
+    assert not vae_app.get("json")  # nothing printed by Streamlit's magic (a bare expression's value)
 
 
 def test_vae_sample_refuses_what_the_api_refuses(vae_app):
