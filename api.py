@@ -97,6 +97,14 @@ FLAG_LIMITS = {  # api.py's own numeric flags; each refused in one line with exi
 CHECKPOINT_FLAGS = ("image_checkpoint", "gan_checkpoint", "audio_checkpoint", "vae_checkpoint")
 
 
+class RangeHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each numeric flag's range from FLAG_LIMITS beside its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = super()._get_help_string(action)
+        return f"{text} [{FLAG_LIMITS[action.dest].describe()}]" if action.dest in FLAG_LIMITS else text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags, each defaulting to its IAG_<NAME> environment variable, so that `uvicorn api:app` and every
     worker process read the same settings that `python api.py` was given."""
@@ -104,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return os.environ.get(f"IAG_{name.upper()}", default)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=RangeHelpFormatter)
     g = p.add_argument_group("server")
     g.add_argument("--host", default=env("host", "127.0.0.1"),
                    help="interface to bind; anything but loopback exposes the models to the network (a warning)")

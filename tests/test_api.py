@@ -531,6 +531,14 @@ def test_bad_flags_are_one_sentence_and_exit_2(flags, words, capsys):
     assert stop.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_help_shows_each_flags_range(capsys):
+    with pytest.raises(SystemExit) as stop:
+        api.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert stop.value.code == 0 and "[between 1 and 64]" in text and "[> 0 and <= 3,600]" in text
+    assert "'none': no VAE" in text
+
+
 def test_bad_environment_settings_are_refused_like_flags(monkeypatch, capsys):
     for name, value, words in [("IAG_PORT", "http", "--port"), ("IAG_DEADLINE_S", "NaN", "--deadline_s"),
                                ("IAG_VAE_CHECKPOINT", "/nonexistent/vae.pt", "not a file")]:
