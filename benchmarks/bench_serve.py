@@ -40,6 +40,7 @@ AUDIO_SECONDS, AUDIO_ITERS = 5.0, 32  # a 5-s clip, Griffin-Lim's default iterat
 SOAK_IMAGE = {"num_samples": 1, "sampler": "ddim", "steps": 5}
 SOAK_AUDIO_SECONDS, SOAK_ITERS = 1.0, 4
 VAE_REQUEST = {"num_samples": 1, "seconds": AUDIO_SECONDS, "griffin_lim_iters": AUDIO_ITERS}  # one 5-s clip
+SOAK_VAE = {"num_samples": 1, "seconds": SOAK_AUDIO_SECONDS, "griffin_lim_iters": SOAK_ITERS}
 KINDS = ("image", "audio", "vae")
 
 
@@ -47,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per run")
     p.add_argument("--requests", type=int, default=8, help="requests each client sends per run")
-    p.add_argument("--soak", type=int, default=1000, help="requests of the RSS soak (half image, half audio)")
+    p.add_argument("--soak", type=int, default=1000,
+                   help="requests of the RSS soak, split evenly among the --kinds run (0: no soak)")
     p.add_argument("--queue_size", type=int, default=8, help="the server's --queue_size")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
                    help="endpoints to load (default: image and audio, and vae where a VAE is served)")
@@ -145,7 +147,8 @@ async def one(http: httpx.AsyncClient, kind: str, soak: bool = False) -> tuple[i
         response = await http.post("/v1/images/generate", json=SOAK_IMAGE if soak else IMAGE_REQUEST,
                                    headers={"Accept": "image/png"})
     elif kind == "vae":
-        response = await http.post("/v1/audio/sample", json=VAE_REQUEST, headers={"Accept": "audio/wav"})
+        response = await http.post("/v1/audio/sample", json=SOAK_VAE if soak else VAE_REQUEST,
+                                   headers={"Accept": "audio/wav"})
     else:
         seconds, iters = (SOAK_AUDIO_SECONDS, SOAK_ITERS) if soak else (AUDIO_SECONDS, AUDIO_ITERS)
         response = await http.post("/v1/audio/reconstruct", files={"file": ("clip.wav", CLIPS[seconds], "audio/wav")},
@@ -169,8 +172,8 @@ async def run_clients(url: str, kind: str, clients: int, requests: int) -> dict:
             "statuses": dict(Counter(status for status, _ in results))}
 
 
-async def soak(url: str, total: int, clients: int = 4) -> Counter:
-    kinds = ["image", "audio"] * (total // 2)
+async def soak(url: str, total: int, kinds_run: list[str], clients: int = 4) -> Counter:
+    kinds = [kinds_run[i % len(kinds_run)] for i in range(total)]
     statuses: Counter = Counter()
 
     async def client(http: httpx.AsyncClient, mine: list[str]) -> None:
@@ -239,7 +242,7 @@ def main() -> None:
                       f"p50 {row['p50_s'] * 1000:7.0f} ms, p99 {row['p99_s'] * 1000:7.0f} ms, "
                       f"statuses {row['statuses']}{ratio}", flush=True)
         before = rss_mb(server.pid)
-        statuses = asyncio.run(soak(url, args.soak)) if args.soak else Counter()
+        statuses = asyncio.run(soak(url, args.soak, kinds)) if args.soak else Counter()
         after = rss_mb(server.pid)
         print(f"soak: {args.soak} requests ({dict(statuses)}), RSS {before:.0f} -> {after:.0f} MB "
               f"({(after / before - 1) * 100:+.1f} %)")
@@ -252,7 +255,7 @@ def main() -> None:
                                "griffin_lim_iters": AUDIO_ITERS, "vae_request": VAE_REQUEST if vae else None,
                                "vae_checkpoint": str(vae.checkpoint) if vae else None,
                                "vae_sha256": vae.sha256 if vae else None, "runs": rows,
-                               "soak": {"requests": args.soak, "statuses": dict(statuses), "rss_before_mb": before,
+                               "soak": {"requests": args.soak, "kinds": kinds, "statuses": dict(statuses), "rss_before_mb": before,
                                         "rss_after_mb": after}}, indent=2))
     print(f"wrote {out}")
 
