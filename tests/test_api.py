@@ -394,6 +394,15 @@ def test_a_vae_is_served_only_where_a_checkpoint_exists(tmp_path, monkeypatch, t
     assert api.load_vae(None, "cpu").kind == "vae"
 
 
+def test_the_vae_has_its_own_lane_and_sheds_with_503_when_it_is_full(client):
+    with occupied(client, "vae", calls=9):  # one running, eight waiting: every place is taken
+        response = client.post("/v1/audio/sample", json=TINY_SAMPLE)
+        assert "vae model" in assert_problem(response, 503)["detail"] and int(response.headers["retry-after"]) >= 1
+        reconstructed = client.post("/v1/audio/reconstruct", files={"file": ("t.wav", tone_wav(1.0), "audio/wav")},
+                                    data={"griffin_lim_iters": "2"})
+        assert reconstructed.status_code == 200  # the autoencoder's lane still answers
+
+
 def test_interpolate_walks_from_a_to_b_in_steps_plus_one_clips(client):
     files = {"a": ("a.wav", tone_wav(1.5), "audio/wav"), "b": ("b.flac", flac_noise(2.0), "audio/flac")}
     body = client.post("/v1/audio/interpolate", files=files, data={"steps": "3", "griffin_lim_iters": "2"}).json()
