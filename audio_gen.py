@@ -1715,7 +1715,8 @@ class AudioModel:
     @torch.no_grad()
     def sample(self, num_samples: int, seconds: float = 5.0, temperature: float = 1.0, seed: int = 0,
                griffin_lim_iters: int = 32, inverse: str = "nnls", prior: str | None = None) -> dict:
-        """z from the prior -> mel_hat (N, n_mels, T) and wav_hat (N, L), at the training clips' level.
+        """z from the prior -> mel_hat (N, n_mels, T) and wav_hat (N, L), each clip at the training clips' RMS
+        (TARGET_RMS) unless that would put its peak above 0.99: a sample has no input level to restore, and must not clip.
 
         prior: "mixture" (the learned ClipMixturePrior, the default where the checkpoint has one) or "standard",
         z ~ N(0, T^2 I) per latent frame."""
@@ -1734,7 +1735,8 @@ class AudioModel:
         mel_hat = self.model.decode(z.to(self.device))  # (N, latent_dim, T/16) -> (N, n_mels, T)
         torch.manual_seed(seed)
         wav_hat = self.pre.to_waveform(mel_hat, padded, griffin_lim_iters, inverse)[..., :length]
-        return {"mel_hat": mel_hat.cpu(), "wav_hat": wav_hat.cpu()}
+        gain = torch.minimum(self.pre.level_gain(wav_hat), 0.99 / wav_hat.abs().amax(-1, keepdim=True).clamp(min=1e-9))
+        return {"mel_hat": mel_hat.cpu(), "wav_hat": (wav_hat * gain).cpu()}
 
     @torch.no_grad()
     def interpolate(self, wav_a: torch.Tensor, wav_b: torch.Tensor, steps: int, seed: int = 0,
