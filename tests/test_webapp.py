@@ -329,12 +329,19 @@ def wait_for_script(chrome, script: str, *args, timeout: float = 60):
 
 
 def click_text(chrome, tag: str, text: str) -> None:
+    """Click the element showing `text`; an element that Streamlit re-renders under us (stale) is looked up again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    element = WebDriverWait(chrome, 180).until(
-        lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, tag) if e.text.strip() == text), None))
-    chrome.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", element)
+    def click(d) -> bool:
+        element = next((e for e in d.find_elements(By.CSS_SELECTOR, tag) if e.text.strip() == text), None)
+        if element is None:
+            return False
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", element)
+        return True
+
+    WebDriverWait(chrome, 180, ignored_exceptions=(StaleElementReferenceException,)).until(click)
 
 
 def test_browser_generates_a_digit_and_reconstructs_a_wav(browser, streamlit_url, tmp_path):
