@@ -1,8 +1,8 @@
 """api.py: every endpoint and every refusal through FastAPI's TestClient, then a real uvicorn on 127.0.0.1.
 
 The models are the ones the server would load (the checkpoints --mode infer picks), plus a tiny VAE trained
-here in seconds (the tests pass with or without the shipped one); requests stay tiny (DDIM with a few steps, clips of a second
-or two, a few Griffin-Lim iterations) so the file runs in seconds.
+here in seconds, so that the tests pass with or without the shipped one; requests stay tiny (DDIM with a few
+steps, clips of a second or two, a few Griffin-Lim iterations) so the file runs in seconds.
 """
 
 import asyncio
