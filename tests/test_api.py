@@ -403,6 +403,16 @@ def test_the_vae_has_its_own_lane_and_sheds_with_503_when_it_is_full(client):
         assert reconstructed.status_code == 200  # the autoencoder's lane still answers
 
 
+def test_the_shipped_vae_is_served_by_default_where_it_exists():
+    default = audio_gen.default_checkpoint(None, "vae")
+    if not default.exists():
+        pytest.skip("no VAE is trained or shipped (models/audio_vae.pt, models/pretrained/audio_vae.pt)")
+    vae = api.load_vae(None, "cpu")
+    assert vae.checkpoint == default and api.describe_vae(vae)["kind"] == "vae"
+    out = vae.sample(2, seconds=1.0, griffin_lim_iters=2, seed=1)
+    assert out["wav_hat"].shape == (2, 16_000) and out["wav_hat"].isfinite().all()
+
+
 def test_interpolate_walks_from_a_to_b_in_steps_plus_one_clips(client):
     files = {"a": ("a.wav", tone_wav(1.5), "audio/wav"), "b": ("b.flac", flac_noise(2.0), "audio/flac")}
     body = client.post("/v1/audio/interpolate", files=files, data={"steps": "3", "griffin_lim_iters": "2"}).json()
