@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="audio_gen.py on held-out speech and music")
     p.add_argument("--corpus_dir", default="data/corpus", help="a corpus rendered by audio_gen.py --mode corpus")
     p.add_argument("--checkpoint", default=str(ag.PRETRAINED_CHECKPOINT), help="the model scored by held-out, long, speed")
-    p.add_argument("--parts", default="held-out,long,speed", help="comma-separated: held-out, rate, long, speed, vae")
+    p.add_argument("--parts", default="held-out,long,speed,vae", help="comma-separated: held-out, rate, long, speed, vae")
     p.add_argument("--vae_checkpoint", default=str(ag.PRETRAINED_DIR / ag.CHECKPOINT_NAMES["vae"]), help="vae: the VAE")
     p.add_argument("--fd_clips", type=int, default=256, help="vae: clips per set in the Frechet distance")
     p.add_argument("--wave_clips", type=int, default=24, help="held-out 5-s clips per source taken through Griffin-Lim")
