@@ -322,8 +322,8 @@ def parse_corpus_mix(text: str | dict) -> dict[str, float]:
 
 LIMITS = {  # every numeric flag: validate() and --help read it
     "seed": Bounds(int, 0, 2**32 - 1, why="numpy's seed range"),
-    "num_samples": Bounds(int, 1, 100_000, why="synthetic clips are held in memory"),
-    "corpus_minutes": Bounds(float, 0, 6000, open_low=True, why="100 hours of each source"),
+    "num_samples": Bounds(int, 1, 10_000, why="synthetic clips are rendered into memory, 320 kB each"),
+    "corpus_minutes": Bounds(float, 0, 600, open_low=True, why="10 hours of each source: 13 GB on disk, 33 GB to train on"),
     "n_mels": Bounds(int, 16, 512),
     "latent_dim": Bounds(int, 1, 1024),
     "hidden_channels": Bounds(int, 1, 4096, why="memory and time grow with its square"),
