@@ -386,8 +386,6 @@ def validate(cfg: argparse.Namespace) -> None:
         if checkpoint.is_dir():
             raise UsageError(f"--checkpoint {checkpoint} is a folder; name the checkpoint file to write")
         check_writable_dir(checkpoint.parent, "--checkpoint", checkpoint)
-    elif cfg.checkpoint and Path(cfg.checkpoint).is_dir():
-        raise UsageError(f"--checkpoint {cfg.checkpoint} is a folder, not a checkpoint file")
 
 
 # ----------------------------------------------------------------------------

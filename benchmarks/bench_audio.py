@@ -55,7 +55,6 @@ sys.path.insert(0, str(ROOT))
 import audio_gen as ag  # noqa: E402
 
 SPECIALIST_MSE, SPECIALIST_STD = 0.0291, 3.9627  # the synthetic-only model shipped before the corpus (its checkpoint)
-LATENT_FRAMES_PER_SECOND = ag.SAMPLE_RATE / ag.HOP / ag.TIME_STRIDE  # 3.19 latent frames per second of audio
 
 
 def parse_args() -> argparse.Namespace:
@@ -188,12 +187,12 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
                   f"(PCA {row['speech_pca']['stoi']:.3f}), music SC {row['music_model']['spectral_convergence']:.3f}",
                   flush=True)
     print(f"\n== rate-distortion: {cfg.epochs * steps_per_epoch} steps of batch 16 per model; rate = channels x "
-          f"{LATENT_FRAMES_PER_SECOND:.3f} latent frames/s")
+          f"{ag.LATENT_FRAMES_PER_SECOND:.3f} latent frames/s")
     print("| channels / 16 frames | numbers/s | kbit/s at 32 / 8 bit | speech STOI: model / PCA | "
           "speech PESQ-WB: model / PCA | music SC: model / PCA |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        rate = r["k"] * LATENT_FRAMES_PER_SECOND
+        rate = r["k"] * ag.LATENT_FRAMES_PER_SECOND
         print(f"| {r['k']} | {rate:.0f} | {rate * 32 / 1000:.1f} / {rate * 8 / 1000:.1f} | "
               f"{r['speech_model']['stoi']:.3f} / {r['speech_pca']['stoi']:.3f} | "
               f"{r['speech_model']['pesq_wb']:.2f} / {r['speech_pca']['pesq_wb']:.2f} | "
@@ -207,7 +206,7 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
         for name, clips in (("speech", speech), ("music", music)):
             rec = [shipped.reconstruct(c, seed=cfg.seed) for c in clips]
             s[name] = ag.waveform_metrics(clips, torch.stack([r["wav_hat"] for r in rec]), name == "speech")
-        shipped_point = (shipped.config["latent_dim"] * LATENT_FRAMES_PER_SECOND, s)
+        shipped_point = (shipped.config["latent_dim"] * ag.LATENT_FRAMES_PER_SECOND, s)
         print(f"shipped model ({shipped.config['latent_dim']} channels, full training): speech STOI "
               f"{s['speech']['stoi']:.3f}, PESQ-WB {s['speech']['pesq_wb']:.2f}, music SC "
               f"{s['music']['spectral_convergence']:.3f}")
@@ -215,7 +214,7 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
 
 
 def plot_rate_distortion(rows: list[dict], shipped: tuple | None, steps: int, path: Path) -> None:
-    rates = [r["k"] * LATENT_FRAMES_PER_SECOND for r in rows]
+    rates = [r["k"] * ag.LATENT_FRAMES_PER_SECOND for r in rows]
     panels = (("speech", "stoi", "held-out speech: STOI (higher is better)"),
               ("speech", "pesq_wb", "held-out speech: PESQ-WB (higher is better)"),
               ("music", "spectral_convergence", "held-out music: spectral convergence (lower is better)"))

@@ -30,3 +30,15 @@ def mnist_dir(tmp_path_factory) -> Path:
     data_dir = tmp_path_factory.mktemp("data")
     image_gen.load_mnist(str(data_dir), "train")
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A VAE of 32 hidden channels trained for 2 epochs on 20 synthetic clips (about 15 s), with its mixture prior;
+    one per session, shared by the API and web-app tests."""
+    folder = tmp_path_factory.mktemp("vae")
+    result = run_script("audio_gen.py", "--mode", "train", "--model", "vae", "--epochs", "2", "--num_samples", "20",
+                        "--batch_size", "8", "--hidden_channels", "32", "--eval_clips", "2", "--device", "cpu",
+                        "--checkpoint", str(folder / "vae.pt"), "--results_dir", str(folder / "results"))
+    assert result.returncode == 0, result.stderr
+    return folder / "vae.pt"

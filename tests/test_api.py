@@ -66,17 +66,6 @@ def assert_problem(response: httpx.Response, status: int) -> dict:
     return body
 
 
-@pytest.fixture(scope="session")
-def tiny_vae(tmp_path_factory) -> Path:
-    """A VAE of 32 hidden channels trained for 2 epochs on 20 synthetic clips (about 15 s), with its mixture prior."""
-    folder = tmp_path_factory.mktemp("vae")
-    result = run_script("audio_gen.py", "--mode", "train", "--model", "vae", "--epochs", "2", "--num_samples", "20",
-                        "--batch_size", "8", "--hidden_channels", "32", "--eval_clips", "2", "--device", "cpu",
-                        "--checkpoint", str(folder / "vae.pt"), "--results_dir", str(folder / "results"))
-    assert result.returncode == 0, result.stderr
-    return folder / "vae.pt"
-
-
 @pytest.fixture(scope="module")
 def client(tiny_vae):
     with TestClient(api.create_app(api.parse_args(["--vae_checkpoint", str(tiny_vae)]))) as client:

@@ -13,13 +13,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import ROOT, run_script
+from conftest import ROOT
 from streamlit.testing.v1 import AppTest
 
 SCRIPT = str(ROOT / "webapp.py")
@@ -30,17 +29,6 @@ def tone_wav(seconds: float = 1.5, amplitude: float = 0.3) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, amplitude * np.sin(2 * np.pi * (220 * t + 3 * np.sin(2 * np.pi * 2 * t))), 16_000, format="WAV")
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="session")
-def tiny_vae(tmp_path_factory) -> Path:
-    """A VAE of 32 hidden channels trained for 2 epochs on 20 synthetic clips (about 15 s), with its mixture prior."""
-    folder = tmp_path_factory.mktemp("vae")
-    result = run_script("audio_gen.py", "--mode", "train", "--model", "vae", "--epochs", "2", "--num_samples", "20",
-                        "--batch_size", "8", "--hidden_channels", "32", "--eval_clips", "2", "--device", "cpu",
-                        "--checkpoint", str(folder / "vae.pt"), "--results_dir", str(folder / "results"))
-    assert result.returncode == 0, result.stderr
-    return folder / "vae.pt"
 
 
 def page(monkeypatch, vae: str) -> AppTest:
