@@ -141,6 +141,13 @@ def check_readable_file(path: Path, what: str, missing_hint: str = "") -> None:
         raise UsageError(f"{what} {path} cannot be read ({error.strerror or error})") from None
 
 
+def check_finite_weights(weights: dict, path: Path) -> None:
+    """A checkpoint holding NaN or infinity loads without complaint and then draws noise: refuse it by name."""
+    for name, value in weights.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise UsageError(f"checkpoint {path}: weight {name} holds NaN or infinity; it would generate noise")
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UsageError: one line on stderr and exit status 2, like every bad input."""
 
@@ -1544,7 +1551,8 @@ def load_checkpoint(path: Path, resume: bool = False, model: str | None = None) 
                          f"that is not plain weights (nothing in it was run)") from None
     required = {"model", "epoch", "config", "normalisation"}
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
-    if kind != "audio_autoencoder" or not required <= ckpt.keys() or not isinstance(ckpt["config"], dict):
+    if kind != "audio_autoencoder" or not required <= ckpt.keys() or not all(
+            isinstance(ckpt[key], dict) for key in ("model", "config")):
         found = f" (its kind is {kind!r})" if isinstance(kind, str) else ""
         raise UsageError(f"checkpoint {path} is not an audio_gen.py checkpoint{found}")
     version = ckpt.get("format_version")
@@ -1564,6 +1572,7 @@ def load_checkpoint(path: Path, resume: bool = False, model: str | None = None) 
     if model is not None and model_kind(ckpt) != model:
         raise UsageError(f"checkpoint {path} is an autoencoder (--model {model_kind(ckpt)}), which has no prior to sample "
                          f"or walk: give a VAE checkpoint (train one with --model vae)")
+    check_finite_weights(ckpt["model"], path)
     return ckpt
 
 

@@ -150,6 +150,13 @@ def check_readable_file(path: Path, what: str, missing_hint: str = "") -> None:
         raise UsageError(f"{what} {path} cannot be read ({error.strerror or error})") from None
 
 
+def check_finite_weights(weights: dict, path: Path) -> None:
+    """A checkpoint holding NaN or infinity loads without complaint and then draws noise: refuse it by name."""
+    for name, value in weights.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise UsageError(f"checkpoint {path}: weight {name} holds NaN or infinity; it would generate noise")
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UsageError: one line on stderr and exit status 2, like every bad input."""
 
@@ -1091,6 +1098,9 @@ def load_checkpoint(path: Path, model: str = "diffusion") -> dict:
                          f"this script reads format {FORMAT_VERSIONS[model]}")
     if not isinstance(state.get("model"), dict):
         raise UsageError(f"checkpoint {path} holds no network weights")
+    for weights in ("model", "ema"):
+        if isinstance(state.get(weights), dict):
+            check_finite_weights(state[weights], path)
     for name, value in state["config"].items():
         if name in LIMITS:
             check_number(name, value, f"checkpoint {path}: config {name}")

@@ -233,6 +233,8 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
     torch.save({**good, "format_version": 2}, tmp / "old.pt")
     torch.save({**good, "format_version": 99}, tmp / "future.pt")
     torch.save({**good, "config": {**good["config"], "hidden_channels": 10**9}}, tmp / "doctored.pt")
+    torch.save({**good, "model": {**good["model"], "encoder.0.weight": good["model"]["encoder.0.weight"] * np.nan}},
+               tmp / "nan_weights.pt")
     torch.save(PlantedCode(tmp / "marker"), tmp / "planted.pt")
     (tmp / "planted.pkl").write_bytes(pickle.dumps(PlantedCode(tmp / "marker")))
     (tmp / "no_audio").mkdir()
@@ -251,6 +253,7 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
         "checkpoint of an older format": ["--mode", "infer", "--checkpoint", str(tmp / "old.pt")],
         "checkpoint of a future format": ["--mode", "infer", "--checkpoint", str(tmp / "future.pt")],
         "checkpoint with a doctored config": ["--mode", "infer", "--checkpoint", str(tmp / "doctored.pt")],
+        "checkpoint with NaN weights": ["--mode", "infer", "--checkpoint", str(tmp / "nan_weights.pt")],
         "checkpoint that runs code (torch zip)": ["--mode", "infer", "--checkpoint", str(tmp / "planted.pt")],
         "checkpoint that runs code (plain pickle)": ["--mode", "infer", "--checkpoint", str(tmp / "planted.pkl")],
         "an autoencoder where a VAE is needed": ["--mode", "sample", "--checkpoint", str(good_ckpt)],
@@ -560,3 +563,16 @@ def test_the_clip_mixture_prior_finds_two_kinds_of_clip():
     samples = prior.sample(50, 16, 1.0, torch.Generator().manual_seed(1))  # (50, 8, 16)
     first = samples[:, 0, :]  # each clip's first channel over its frames
     assert ((first > 0).all(dim=1) | (first < 0).all(dim=1)).all()  # no clip mixes the two kinds
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_by_name(trained, tmp_path, capsys):
+    """It would load and then reconstruct noise: one line names the weight, and nothing is written."""
+    state = torch.load(trained / "models" / "audio_autoencoder.pt", weights_only=True)
+    state["model"]["patch_decoder.bias"] = torch.full_like(state["model"]["patch_decoder.bias"], float("inf"))
+    torch.save(state, tmp_path / "inf.pt")
+    with pytest.raises(SystemExit) as exit_:
+        ag.main(["--mode", "infer", "--checkpoint", str(tmp_path / "inf.pt"), "--results_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: checkpoint {tmp_path / 'inf.pt'}: weight patch_decoder.bias "
+                                               "holds NaN or infinity; it would generate noise")
+    assert not (tmp_path / "out").exists()

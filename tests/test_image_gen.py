@@ -601,10 +601,12 @@ def hostile_checkpoint(case: str, folder: Path) -> Path:
         path.write_bytes(b"")
     elif case in ("audio", "gan"):
         shutil.copy(pretrained / ("audio_autoencoder.pt" if case == "audio" else "gan_model.pt"), path)
-    elif case in ("future_format", "huge_config", "unknown_prediction"):
+    elif case in ("future_format", "huge_config", "unknown_prediction", "nan_weights"):
         state = torch.load(pretrained / "diffusion_model.pt", weights_only=True)
         if case == "future_format":
             state["format_version"] += 1
+        elif case == "nan_weights":
+            state["model"]["time_embedding.1.weight"][0, 0] = float("nan")
         elif case == "huge_config":
             state["config"]["base_channels"] = 10**9
         else:
@@ -626,6 +628,7 @@ def hostile_checkpoint(case: str, folder: Path) -> Path:
     ("future_format", "has format 3 (from a newer image_gen.py), this script reads format 2"),
     ("huge_config", "config base_channels must be a whole number between 8 and 512"),
     ("unknown_prediction", "config prediction is 'score', not one of eps, v, x0"),
+    ("nan_weights", "weight time_embedding.1.weight holds NaN or infinity"),
     ("planted_code", "nothing in it was run"),
     ("planted_code_plain_pickle", "nothing in it was run"),
 ])
