@@ -646,6 +646,12 @@ def create_app(args: argparse.Namespace) -> FastAPI:
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), args.token.encode()):
             raise Problem(401, "send the API token as 'Authorization: Bearer TOKEN'", {"WWW-Authenticate": "Bearer"})
 
+    def json_body(request: Request) -> None:
+        """A body in another media type is the client's wrong choice of format (415), not a bad parameter (422)."""
+        media = request.headers.get("content-type", "application/json").partition(";")[0].strip().lower()
+        if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            raise Problem(415, f"send the body as application/json, not {media or 'an empty content type'}")
+
     def loaded(request: Request) -> dict[str, Any]:
         if request.app.state.models is None:
             reason = request.app.state.load_error or "the models are still loading"
@@ -678,10 +684,10 @@ def create_app(args: argparse.Namespace) -> FastAPI:
                                                     "sha256": audio.sha256, "sample_rate": audio.sample_rate},
                               vae=describe_vae(models["vae"]), limits=limits(args))
 
-    @app.post("/v1/images/generate", tags=["images"], dependencies=[Depends(authorised)],
+    @app.post("/v1/images/generate", tags=["images"], dependencies=[Depends(authorised), Depends(json_body)],
               responses={200: {"content": {"image/png": {}}, "description": "JSON, or a PNG grid with "
                                                                             "Accept: image/png"},
-                         **problems(401, 413, 422, 503, 504)})
+                         **problems(401, 413, 415, 422, 503, 504)})
     async def generate_images(body: ImageRequest, request: Request,
                               arrived: Annotated[float, Depends(arrival)]) -> ImageResponse:
         """Draw digits. `Accept: image/png` returns the grid as a PNG, otherwise JSON with one base64 PNG per
@@ -758,11 +764,12 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     clips_content = {"application/json": {"schema": {"$ref": "#/components/schemas/AudioClipsResponse"}},
                      "audio/wav": {}}
 
-    @app.post("/v1/audio/sample", tags=["audio"], dependencies=[Depends(authorised)], response_model=AudioClipsResponse,
+    @app.post("/v1/audio/sample", tags=["audio"], dependencies=[Depends(authorised), Depends(json_body)],
+              response_model=AudioClipsResponse,
               responses={200: {"content": clips_content,
                                "description": "JSON with one base64 WAV per clip, or with Accept: audio/wav every "
                                               f"clip in one WAV, {CLIP_GAP_SECONDS:g} s of silence between them"},
-                         **problems(401, 404, 413, 422, 503, 504)})
+                         **problems(401, 404, 413, 415, 422, 503, 504)})
     async def sample_audio(body: AudioSampleRequest, request: Request,
                            arrived: Annotated[float, Depends(arrival)]) -> Response:
         """Draw clips from the VAE's prior and invert their mels with Griffin-Lim. JSON by default; `Accept:

@@ -233,6 +233,15 @@ def test_generate_refuses_non_finite_numbers_and_broken_json(client, raw):
     assert_problem(response, 422)
 
 
+@pytest.mark.parametrize("path", ["/v1/images/generate", "/v1/audio/sample"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"])
+def test_a_json_body_sent_as_another_media_type_is_415(client, path, content_type):
+    response = client.post(path, content=b'{"num_samples": 1}', headers={"Content-Type": content_type})
+    assert f"send the body as application/json, not {content_type}" in assert_problem(response, 415)["detail"]
+    assert client.post(path, content=b'{"num_samples": 1}', headers={"Content-Type": "application/json; charset=utf-8",
+                                                                    "Accept": "application/json"}).status_code == 200
+
+
 def test_generate_with_the_gan_when_one_is_served(client):
     if "gan" not in client.app.state.models["images"]:
         pytest.skip("no GAN checkpoint is trained or shipped (models/gan_model.pt, models/pretrained/gan_model.pt)")
