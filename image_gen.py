@@ -356,6 +356,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     for name in LIMITS:
         if getattr(args, name) is not None:  # --subset and --digit: None is "all"
             check_number(name, getattr(args, name))
+    if args.mode == "train" and args.sampler in ("ddim", "dpmpp") and args.sample_steps > args.timesteps:
+        raise UsageError(f"--sample_steps {args.sample_steps} exceeds --timesteps {args.timesteps}, the most a "
+                         f"{args.sampler} pass can take")
     if args.fid_samples == 1:
         raise UsageError("--fid_samples must be 0 or at least 2: a covariance needs two images")
     if args.base_channels % 8:
@@ -1191,6 +1194,8 @@ class ImageGenerator:
         if sampler not in self.samplers:
             raise UsageError(f"sampler {sampler!r} is not one this {self.kind} model has: {', '.join(self.samplers)}")
         check_number("sample_steps", steps, "steps")
+        if self.schedule is not None and sampler in ("ddim", "dpmpp") and steps > self.schedule.timesteps:
+            raise UsageError(f"steps {steps} exceeds the {self.schedule.timesteps} timesteps {where} was trained with")
         check_number("guidance_scale", guidance_scale, "guidance_scale")
         check_number("eta", eta, "eta")
 

@@ -274,6 +274,7 @@ def test_in_memory_surface_draws_the_pixels_infer_writes(trained, tmp_path):
     ({"eta": 2.0}, "eta must be a finite number between 0 and 1"),
     ({"guidance_scale": -1.0}, "guidance_scale must be a finite number between 0 and 20"),
     ({"seed": -1}, "seed"),
+    ({"sampler": "ddim", "steps": 21}, "steps 21 exceeds the 20 timesteps"),
 ])
 def test_in_memory_surface_refuses_bad_arguments(trained, kwargs, fragment):
     generator = image_gen.load_image_generator(trained / "model.pt", device="cpu")
@@ -496,6 +497,7 @@ def test_bad_settings_are_rejected(args, fragment, tmp_path):
     (["--fid_reference_size", "60000"], "the MNIST test set has 10,000 images"),
     (["--sample_steps", "0"], "--sample_steps"),
     (["--sample_steps", "1000000000000"], "--sample_steps must be a whole number between 1 and 10,000"),
+    (["--timesteps", "20", "--sampler", "ddim", "--sample_steps", "50"], "--sample_steps 50 exceeds --timesteps 20"),
     (["--timesteps", "0"], "--timesteps"),
     (["--timesteps", "1000000000"], "--timesteps must be a whole number between 1 and 10,000"),
     (["--epochs", "1000000000"], "--epochs must be a whole number between 1 and 10,000"),
