@@ -12,6 +12,7 @@ process (st.cache_resource) and every browser session shares them; a lock per mo
 at a time, as the API's lanes do. Nothing is fetched from the internet and no usage statistics are sent.
 """
 
+import hashlib
 import io
 import os
 import threading
@@ -34,11 +35,16 @@ import image_gen
 # ----------------------------------------------------------------------------
 UPSCALE = 4  # 28-px digits drawn at 112 px, nearest neighbour
 FID_SOURCE = ("1,000 samples of the shipped model (100 per digit, sample seed 1) against the 10,000 MNIST test "
-              "images, TF-Inception pool3: `benchmarks/bench_image.py --only checkpoint --checkpoint "
-              "models/pretrained/diffusion_model.pt --skip_ddpm_fid`")
-FID = {("ddim", 20, 0.0, 1.0): 12.5, ("ddim", 50, 0.0, 1.0): 12.7, ("ddim", 50, 1.0, 1.0): 10.4}
-SPEED_SOURCE = "batch 100, one CPU thread, bf16 autocast: `benchmarks/bench_image.py --only speed`"
-MS_PER_IMAGE_STEP = 1.0  # DDIM-50 at 50 ms/image; DDPM-1000 at 1.01 s/image
+              "images, TF-Inception pool3; commands and machines in docs/image.md, sections 2, 5 and 6")
+FID = {  # (model, sampler, steps, eta, guidance) -> FID-1k of the shipped checkpoint
+    ("diffusion", "ddpm", 1000, 0.0, 1.0): 9.90, ("diffusion", "ddim", 5, 0.0, 1.0): 18.69,
+    ("diffusion", "ddim", 10, 0.0, 1.0): 13.59, ("diffusion", "ddim", 20, 0.0, 1.0): 12.5,
+    ("diffusion", "ddim", 50, 0.0, 1.0): 12.74, ("diffusion", "ddim", 50, 1.0, 1.0): 10.4,
+    ("diffusion", "ddim", 50, 0.0, 2.0): 13.51, ("diffusion", "dpmpp", 10, 0.0, 1.0): 13.01,
+    ("gan", "gan", 1, 0.0, 1.0): 18.38,
+}
+SPEED_SOURCE = "batch 100, one CPU thread, bf16 autocast: `benchmarks/bench_image.py --only speed` and `--only gan`"
+MS_PER_IMAGE_STEP = {"diffusion": 1.0, "gan": 0.53}  # DDIM-50 at 50 ms/image, DDPM-1000 at 1.01 s; the GAN's one step
 UNMEASURED = "—"  # a setting the benchmark did not measure
 # The same IAG_* variables as api.py; unset, the checkpoints are the ones --mode infer picks.
 TORCH_THREADS = os.environ.get("IAG_TORCH_THREADS", "1")  # checked against api.FLAG_LIMITS below, as the API does
@@ -159,15 +165,22 @@ def first_error(error: pydantic.ValidationError) -> str:
 # ----------------------------------------------------------------------------
 # Digits tab
 # ----------------------------------------------------------------------------
-def figures_for(model: str, sampler: str, steps: int, eta: float, guidance: float) -> tuple[str, str]:
-    """The measured FID of this setting (or that none was measured) and its expected sampling time per image."""
-    if model != "diffusion":
-        return UNMEASURED, UNMEASURED
-    network_steps = api.DDPM_STEPS if sampler == "ddpm" else steps
-    key = (sampler, network_steps if sampler == "ddim" else steps, eta if sampler == "ddim" else 0.0, guidance)
-    fid = f"{FID[key]:.1f}" if key in FID else UNMEASURED
-    cost = MS_PER_IMAGE_STEP * network_steps * (2 if guidance != 1 else 1)  # guidance runs the U-Net twice
-    return fid, f"≈ {cost:.0f} ms"
+@st.cache_data
+def shipped_sha256(kind: str) -> str | None:
+    path = image_gen.PRETRAINED_DIR / f"{kind}_model.pt"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def figures_for(generator: image_gen.ImageGenerator, sampler: str, steps: int, eta: float,
+                guidance: float) -> tuple[str, str]:
+    """The measured FID of this setting (only for the shipped checkpoint, which the benchmark scored, else "—")
+    and its expected sampling time per image."""
+    diffusion = generator.kind == "diffusion"
+    network_steps = (api.DDPM_STEPS if sampler == "ddpm" else steps) if diffusion else 1
+    key = (generator.kind, sampler, network_steps, eta if sampler == "ddim" else 0.0, guidance if diffusion else 1.0)
+    fid = f"{FID[key]:.1f}" if key in FID and generator.sha256 == shipped_sha256(generator.kind) else UNMEASURED
+    cost = MS_PER_IMAGE_STEP[generator.kind] * network_steps * (2 if diffusion and guidance != 1 else 1)
+    return fid, f"≈ {cost:.0f} ms" if cost >= 1 else f"≈ {cost:.1f} ms"
 
 
 def digits_tab() -> None:
@@ -182,15 +195,15 @@ def digits_tab() -> None:
         samplers = list(generator.samplers)
         sampler = right.selectbox("Sampler", samplers, index=samplers.index(api.DEFAULT_SAMPLER[generator.kind]), key="sampler",
                                   help="ddpm walks all 1000 steps; ddim and dpmpp take the steps below")
-        steps = right.slider("Steps", 1, 200, 20, key="steps", disabled=generator.kind == "gan")
+        steps = right.slider("Steps", 1, 200, image_gen.DEFAULT_STEPS, key="steps", disabled=generator.kind == "gan")
         diffusion = generator.kind == "diffusion"
-        guidance = right.slider("Guidance scale", 0.0, 5.0, 1.0, 0.5, key="guidance",
+        guidance = right.slider("Guidance scale", 0.0, 5.0, image_gen.DEFAULT_GUIDANCE, 0.5, key="guidance",
                                 disabled=not (diffusion and generator.class_conditional))
         eta = right.slider("η (DDIM noise)", 0.0, 1.0, 0.0, 0.5, key="eta", disabled=not diffusion)
         submitted = st.form_submit_button("Generate", type="primary")
-    fid, speed = figures_for(model, sampler, steps, eta, guidance)
+    fid, speed = figures_for(generator, sampler, steps, eta, guidance)
     fid_column, speed_column, source_column = st.columns([1, 1, 4])
-    fid_column.metric("FID-1k of this setting", fid, help="— : not measured by the benchmark")
+    fid_column.metric("FID-1k of this setting", fid, help="— : not measured by the benchmark, or not the shipped model")
     speed_column.metric("Sampling per image", speed, help="— : not measured by the benchmark")
     source_column.caption(f"Benchmark figures. FID: {FID_SOURCE}. Speed: {SPEED_SOURCE}; guidance runs the U-Net "
                           f"twice.")

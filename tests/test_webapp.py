@@ -18,8 +18,11 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from conftest import ROOT
 from streamlit.testing.v1 import AppTest
+
+import image_gen
 
 SCRIPT = str(ROOT / "webapp.py")
 
@@ -58,9 +61,24 @@ def assert_clean(at: AppTest) -> None:
 # ----------------------------------------------------------------------------
 def test_page_shows_both_tabs_and_the_measured_figures_of_the_default_setting(app):
     assert [tab.label for tab in app.tabs] == ["Digits", "Audio"]
-    assert app.selectbox(key="sampler").value == "ddim" and app.slider(key="steps").value == 20
-    assert app.metric[0].value == "12.5"  # FID-1k of DDIM-20, eta 0, guidance 1: the README's figure
+    assert app.selectbox(key="sampler").value == "ddim" and app.slider(key="steps").value == 50
+    assert app.slider(key="guidance").value == image_gen.DEFAULT_GUIDANCE
+    assert app.metric[0].value == "13.5"  # FID-1k of DDIM-50, eta 0, guidance 2 (the CLI's default): the README's
+    app.slider(key="guidance").set_value(1.0)
+    app.slider(key="num_samples").set_value(1)
+    app.button[0].click()  # the form's settings (and so the figures) take effect when it is submitted
+    app.run()
+    assert app.metric[0].value == "12.7" and app.metric[1].value == "≈ 50 ms"
     assert not app.error
+
+
+def test_the_figures_are_shown_for_the_shipped_model_only(monkeypatch, tmp_path):
+    state = torch.load(image_gen.PRETRAINED_DIR / "diffusion_model.pt", weights_only=True)
+    torch.save({**state, "note": "the same weights, another file"}, tmp_path / "mine.pt")
+    monkeypatch.setenv("IAG_IMAGE_CHECKPOINT", str(tmp_path / "mine.pt"))
+    at = page(monkeypatch, "none")
+    assert_clean(at)
+    assert at.metric[0].value == "—" and at.metric[1].value == "≈ 100 ms"
 
 
 def test_generate_draws_the_grid_and_the_animation(app):
