@@ -1916,7 +1916,7 @@ def sample(cfg: argparse.Namespace) -> None:
 
 
 def interpolate(cfg: argparse.Namespace) -> None:
-    """Walk from --input to --input_b in --steps through the VAE's latent space: one WAV of the walk, one PNG strip."""
+    """Walk from --input to --input_b in --steps through the VAE's latent space: one WAV of the walk, one PNG grid."""
     wavs = [decode_audio(path, name=str(path))[: round(cfg.seconds * SAMPLE_RATE)] for path in (cfg.input, cfg.input_b)]
     audio = load_audio_model(cfg.checkpoint, cfg.device, model="vae")
     announce(audio)
@@ -1925,8 +1925,7 @@ def interpolate(cfg: argparse.Namespace) -> None:
     results = Path(cfg.results_dir)
     save_wav(results / "vae_interpolation.wav", torch.cat([x for wav in walk["wav_hat"] for x in (wav, gap)][:-1]))
     plot_mel_grid(list(walk["mel_hat"]), [f"t = {t:.2f}" for t in walk["t"].tolist()], results / "vae_interpolation.png",
-                  f"{Path(cfg.input).name} (t = 0) to {Path(cfg.input_b).name} (t = 1), {walk['wav_hat'].shape[-1] / SAMPLE_RATE:.1f} s each",
-                  columns=len(walk["t"]))
+                  f"{Path(cfg.input).name} (t = 0) to {Path(cfg.input_b).name} (t = 1), {walk['wav_hat'].shape[-1] / SAMPLE_RATE:.1f} s each")
     print(f"wrote vae_interpolation.wav ({cfg.steps + 1} steps of {walk['wav_hat'].shape[-1] / SAMPLE_RATE:.1f} s) "
           f"and vae_interpolation.png in {results}/")
 
