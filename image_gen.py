@@ -63,6 +63,7 @@ FORMAT_VERSIONS = {"diffusion": 2, "gan": 1}  # diffusion 2: scale-and-shift tim
 PRETRAINED_DIR = Path(__file__).resolve().parent / "models" / "pretrained"  # {model}_model.pt, weights only
 SAMPLERS = {"diffusion": ("ddpm", "ddim", "dpmpp"),  # DDPM's ancestral steps, DDIM, DPM-Solver++(2M)
             "gan": ("gan",)}  # one forward pass of the generator
+STEPPED_SAMPLERS = ("ddim", "dpmpp")  # the samplers that take --sample_steps (DDPM always walks every timestep)
 # What a checkpoint's config may hold besides the numbers in LIMITS; --schedule and --prediction offer the same
 CONFIG_CHOICES = {"schedule": ("linear", "cosine"), "prediction": ("eps", "v", "x0"),
                   **{name: (True, False) for name in ("attention", "class_conditional", "self_condition")}}
@@ -356,7 +357,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     for name in LIMITS:
         if getattr(args, name) is not None:  # --subset and --digit: None is "all"
             check_number(name, getattr(args, name))
-    if args.mode == "train" and args.sampler in ("ddim", "dpmpp") and args.sample_steps > args.timesteps:
+    if args.mode == "train" and args.sampler in STEPPED_SAMPLERS and args.sample_steps > args.timesteps:
         raise UsageError(f"--sample_steps {args.sample_steps} exceeds --timesteps {args.timesteps}, the most a "
                          f"{args.sampler} pass can take")
     if args.fid_samples == 1:
@@ -1194,7 +1195,7 @@ class ImageGenerator:
         if sampler not in self.samplers:
             raise UsageError(f"sampler {sampler!r} is not one this {self.kind} model has: {', '.join(self.samplers)}")
         check_number("sample_steps", steps, "steps")
-        if self.schedule is not None and sampler in ("ddim", "dpmpp") and steps > self.schedule.timesteps:
+        if self.schedule is not None and sampler in STEPPED_SAMPLERS and steps > self.schedule.timesteps:
             raise UsageError(f"steps {steps} exceeds the {self.schedule.timesteps} timesteps {where} was trained with")
         check_number("guidance_scale", guidance_scale, "guidance_scale")
         check_number("eta", eta, "eta")
@@ -1356,7 +1357,7 @@ def generate_in_batches(image_generator: ImageGenerator, n: int, args: argparse.
 def fid_description(args: argparse.Namespace, evaluator: FIDEvaluator, world_size: int) -> dict:
     """What every FID figure is: sample count, sampler, reference set, feature extractor."""
     return {"samples": args.fid_samples - args.fid_samples % world_size, "sampler": args.sampler,
-            "sample_steps": args.sample_steps if args.sampler in ("ddim", "dpmpp") else None,
+            "sample_steps": args.sample_steps if args.sampler in STEPPED_SAMPLERS else None,
             "guidance_scale": args.guidance_scale, "reference": "MNIST test set",
             "reference_size": evaluator.reference_size, "feature_extractor": evaluator.extractor,
             "resize": "28x28 -> 299x299 bilinear, gray -> 3 channels"}
