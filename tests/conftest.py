@@ -1,6 +1,7 @@
 """Shared fixtures: the repository root on sys.path and one MNIST copy per test session."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,18 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_script(script: str, *args: str, cwd: Path | None = None, torchrun: int = 0,
                timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a top-level script as a user would, capturing its output."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)] if torchrun \
-        else [sys.executable]
+    """Run a top-level script as a user would, capturing its output. torchrun gets a free port rather than its
+    default 29500, so that two test runs on one machine do not collide."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
+                "--master_port", str(free_port())] if torchrun else [sys.executable]
     return subprocess.run([*launcher, str(ROOT / script), *args], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import ROOT, run_script
+from conftest import ROOT, free_port, run_script
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -630,12 +630,6 @@ def test_a_checkpoint_that_does_not_load_stops_main_with_one_error_line(flag, ch
 # ----------------------------------------------------------------------------
 # A real server: python api.py on 127.0.0.1 at a free port, stopped by the fixture
 # ----------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_vae):
     port = free_port()

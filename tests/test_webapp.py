@@ -9,7 +9,6 @@ import contextlib
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import ROOT
+from conftest import ROOT, free_port
 from streamlit.testing.v1 import AppTest
 
 import image_gen
@@ -264,12 +263,6 @@ def browser_or_skip() -> tuple[str, str]:
     if os.environ.get("IAG_REQUIRE_BROWSER") == "1":
         pytest.fail(f"IAG_REQUIRE_BROWSER=1 but {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
