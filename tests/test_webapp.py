@@ -62,7 +62,7 @@ def test_page_shows_both_tabs_and_the_measured_figures_of_the_default_setting(ap
     assert [tab.label for tab in app.tabs] == ["Digits", "Audio"]
     assert app.selectbox(key="sampler").value == "ddim" and app.slider(key="steps").value == 50
     assert app.slider(key="guidance").value == image_gen.DEFAULT_GUIDANCE
-    assert app.metric[0].value == "13.5"  # FID-1k of DDIM-50, eta 0, guidance 2 (the CLI's default): the README's
+    assert app.metric[0].value == "12.2"  # FID-1k of DDIM-50, eta 0, guidance 1.5 (the CLI's default): the README's
     app.slider(key="guidance").set_value(1.0)
     app.slider(key="num_samples").set_value(1)
     app.button[0].click()  # the form's settings (and so the figures) take effect when it is submitted
