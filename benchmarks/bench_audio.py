@@ -157,17 +157,17 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
     with tempfile.TemporaryDirectory() as tmp:
         for k in budgets:
             start = time.perf_counter()
-            tcfg = argparse.Namespace(epochs=cfg.epochs, batch_size=16, learning_rate=1e-3, weight_decay=0.05, seed=cfg.seed,
-                                      n_mels=128, latent_dim=k, hidden_channels=192, stem="mixture", num_samples=0,
-                                      audio_dir=None, musdb_root=None, corpus_dir=cfg.corpus_dir,
-                                      corpus_mix=ag.parse_corpus_mix(ag.DEFAULT_CORPUS_MIX))
+            # audio_gen.py's own flags and defaults, so this run is configured as `--mode train` would be
+            tcfg = ag.parse_args(["--model", "ae", "--corpus_dir", cfg.corpus_dir, "--latent_dim", str(k),
+                                  "--epochs", str(cfg.epochs), "--batch_size", "16", "--seed", str(cfg.seed)])
+            ag.validate(tcfg)
             ag.seed_everything(cfg.seed)
             cpu = torch.device("cpu")
-            pre = ag.AudioPreprocessor(128)
+            pre = ag.AudioPreprocessor(tcfg.n_mels)
             train_mel = ag.log_mels(train, pre, 64, cpu)
-            pre = ag.AudioPreprocessor(128, *ag.fit_normalisation(train_mel))
+            pre = ag.AudioPreprocessor(tcfg.n_mels, *ag.fit_normalisation(train_mel))
             train_mel = pre.normalise(train_mel)
-            model = ag.AudioAutoencoder(128, k, 192)
+            model = ag.AudioAutoencoder(tcfg.n_mels, k, tcfg.hidden_channels)
             model.init_linear_path(train_mel)
             data = ag.AudioData(train, val, "corpus", True, train_sources, val_sources)
             weights = ag.draw_weights(data, tcfg.corpus_mix)
