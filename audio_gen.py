@@ -292,6 +292,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim = p.add_argument_group("training")
     optim.add_argument("--epochs", type=int, default=30, help="total epochs (with --resume: the total to reach)")
     optim.add_argument("--batch_size", type=int, default=32, help="clips per batch (per process under torchrun)")
+    optim.add_argument("--delta_weight", type=float, default=1.0,
+                       help="weight of the MSE between frame-to-frame mel changes (model vs input) beside the mel MSE: "
+                            "it keeps onsets and formant glides that a plain MSE smears; 1 raised held-out speech "
+                            "STOI by 0.01-0.02 in a one-epoch probe, 0 is the plain MSE (docs/audio.md)")
     optim.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW peak learning rate: 100-step warm-up, then cosine decay to 5%% over --epochs")
     optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on weight matrices and kernels (not biases, norms)")
     recon = p.add_argument_group("reconstruction")
@@ -340,6 +344,7 @@ LIMITS = {  # every numeric flag: validate() and --help read it
     "prior_components": Bounds(int, 0, 256),
     "epochs": Bounds(int, 1, 10_000),
     "batch_size": Bounds(int, 1, 4096, why="a batch's mels are on the device at once"),
+    "delta_weight": Bounds(float, 0, 100),
     "learning_rate": Bounds(float, 0, 1, open_low=True),
     "weight_decay": Bounds(float, 0, 10),
     "griffin_lim_iters": Bounds(int, 1, 1000, why="each one is an STFT and an inverse STFT of the whole clip"),
@@ -1430,18 +1435,20 @@ class AudioTrainer:
         self.epoch, self.history = ckpt["epoch"], ckpt["history"]
 
     def loss(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, mel MSE, KL in nats per latent frame). The VAE's loss is MSE + beta * KL / (n_mels * 16): the KL
-        of a latent frame spread over the mel values it codes, so beta does not depend on n_mels. Beta warms up
-        linearly over --kl_warmup_steps; a channel's KL below --free_bits is not penalised (Kingma et al. 2016)."""
-        if not self.variational:
-            mse = F.mse_loss(self.ddp(mel), mel)
-            return mse, mse, torch.zeros((), device=mel.device)
-        mel_hat, kl = self.ddp(mel, sample=True)
+        """(loss, mel MSE, KL in nats per latent frame). The loss is MSE + --delta_weight * the MSE of the frame-to-frame
+        differences, which a smeared envelope fails even where its frames are close on average. The VAE adds
+        beta * KL / (n_mels * 16): the KL of a latent frame spread over the mel values it codes, so beta does not
+        depend on n_mels. Beta warms up linearly over --kl_warmup_steps; a channel's KL below --free_bits is not
+        penalised (Kingma et al. 2016)."""
+        mel_hat, kl = self.ddp(mel, sample=True) if self.variational else (self.ddp(mel), None)
         mse = F.mse_loss(mel_hat, mel)
+        loss = mse + self.cfg.delta_weight * F.mse_loss(mel_hat.diff(dim=-1), mel.diff(dim=-1))
+        if kl is None:
+            return loss, mse, torch.zeros((), device=mel.device)
         per_channel = kl.mean(dim=(0, 2))  # (latent_dim,) nats per latent frame
         warmup = min(1.0, (self.scheduler.last_epoch + 1) / max(1, self.cfg.kl_warmup_steps))
         penalty = per_channel.clamp(min=self.cfg.free_bits).sum() / (mel.shape[1] * TIME_STRIDE)
-        return mse + self.cfg.kl_weight * warmup * penalty, mse, per_channel.sum()
+        return loss + self.cfg.kl_weight * warmup * penalty, mse, per_channel.sum()
 
     def train_epoch(self, loader: DataLoader) -> dict[str, float]:
         """Mean loss, mel MSE and KL (nats per latent frame) over the epoch's clips, across all ranks."""
@@ -1520,7 +1527,7 @@ def draw_weights(data: AudioData, mix: dict[str, float]) -> torch.Tensor | None:
 def checkpoint_config(cfg: argparse.Namespace) -> dict:
     """The settings infer and resume need, as plain types (weights_only loading accepts nothing else)."""
     keys = ("model", "n_mels", "latent_dim", "hidden_channels", "stem", "seed", "num_samples", "audio_dir", "musdb_root",
-            "corpus_dir", "corpus_mix", "batch_size", "learning_rate", "weight_decay", "epochs", "init_from")
+            "corpus_dir", "corpus_mix", "batch_size", "delta_weight", "learning_rate", "weight_decay", "epochs", "init_from")
     variational = ("kl_weight", "kl_warmup_steps", "free_bits", "prior_components") if cfg.model == "vae" else ()
     return {k: getattr(cfg, k) for k in keys + variational}
 
@@ -1605,6 +1612,7 @@ def train(cfg: argparse.Namespace) -> None:
     if cfg.resume:  # model and data settings come from the checkpoint; --epochs becomes the new total
         ckpt = load_checkpoint(checkpoint, resume=True)
         vars(cfg).update({k: v for k, v in ckpt["config"].items() if k not in ("epochs", "learning_rate", "batch_size")})
+        cfg.delta_weight = ckpt["config"].get("delta_weight", 0.0)  # runs from before the flag trained on the plain MSE
         cfg.model = model_kind(ckpt)
         if ckpt["epoch"] >= cfg.epochs:
             raise UsageError(f"checkpoint {checkpoint} already has {ckpt['epoch']} epochs; pass --epochs above that to resume")
@@ -1615,7 +1623,6 @@ def train(cfg: argparse.Namespace) -> None:
     rank, world_size = setup_distributed()
     if isinstance(data.train, Subset):  # synthetic
         data = data._replace(train=render_clips(data.train, rank == 0), val=render_clips(data.val, rank == 0))
-    train_set, val_set = data.train, data.val
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     if ckpt is not None:
@@ -1626,21 +1633,23 @@ def train(cfg: argparse.Namespace) -> None:
     if start is not None:
         load_weights(model, start["model"], Path(cfg.init_from))
     model, pre = model.to(device), pre.to(device)
-    train_mels, val_mels = log_mels(train_set, pre, cfg.batch_size, device), log_mels(val_set, pre, cfg.batch_size, device)
+    n_train = len(data.train)
+    train_mels, val_mels = log_mels(data.train, pre, cfg.batch_size, device), log_mels(data.val, pre, cfg.batch_size, device)
+    data = data._replace(train=None)  # training needs only the mels: free the waveforms, 2.4x their memory
     if ckpt is None and start is None:
         pre = AudioPreprocessor(cfg.n_mels, *fit_normalisation(train_mels)).to(device)
     train_mels, val_mels = pre.normalise(train_mels), pre.normalise(val_mels)
     if ckpt is None and start is None:
         model.init_linear_path(train_mels)  # start from PCA's reconstruction; the same on every rank
     seed_everything(cfg.seed + rank)  # per-rank randomness from here on (shuffles, Griffin-Lim phases)
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world_size) / cfg.batch_size)  # DistributedSampler pads evenly
+    steps_per_epoch = math.ceil(math.ceil(n_train / world_size) / cfg.batch_size)  # DistributedSampler pads evenly
     trainer = AudioTrainer(model, pre, cfg, device, rank, world_size, steps_per_epoch, draw_weights(data, cfg.corpus_mix))
     if ckpt is not None:
         trainer.load(ckpt)
     if rank == 0:
         frames = CLIP_SAMPLES // HOP + 1
         ratio = cfg.n_mels * frames / (cfg.latent_dim * frames // TIME_STRIDE)
-        print(f"data: {data.description}, {len(train_set)} training / {len(val_set)} held-out clips of {CLIP_SECONDS} s")
+        print(f"data: {data.description}, {n_train} training / {len(data.val)} held-out clips of {CLIP_SECONDS} s")
         if data.train_sources is not None:
             counts = {s: data.train_sources.count(s) for s in dict.fromkeys(data.train_sources)}
             print("  training clips per source: " + ", ".join(f"{s} {n}" for s, n in counts.items())

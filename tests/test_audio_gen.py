@@ -86,6 +86,12 @@ def test_checkpoint_round_trip_and_resume(trained, tmp_path):
     assert after["history"]["lr"][2] < after["history"]["lr"][1]  # the scheduler resumed where it stopped
     assert after["config"]["hidden_channels"] == 32  # the model settings came from the checkpoint
     assert after["optimizer"]["state"]  # Adam moments were saved and carried over
+    assert before["config"]["delta_weight"] == after["config"]["delta_weight"] == 1.0
+
+    del before["config"]["delta_weight"]  # a run from before the flag trained on the plain MSE, and resumes on it
+    torch.save(before, ckpt_path)
+    ok(run("--mode", "train", "--resume", "--epochs", "3", "--checkpoint", str(ckpt_path), "--results_dir", "r", cwd=tmp_path))
+    assert torch.load(ckpt_path, weights_only=True)["config"]["delta_weight"] == 0.0
 
 
 def test_infer_from_a_weights_only_checkpoint(trained, tmp_path):
@@ -156,6 +162,22 @@ def test_linear_path_starts_as_pca_of_the_training_patches():
     with torch.no_grad():
         assert torch.allclose(model(held_out), expected, atol=1e-4)
     assert torch.equal(ag.from_patches(ag.to_patches(held_out), 16), held_out)
+
+
+def test_the_loss_adds_the_weighted_mse_of_frame_to_frame_changes(tmp_path):
+    """loss = MSE + --delta_weight * MSE of mel.diff(-1): 0 is the plain MSE; a level error that is constant over time
+    would cost only the first term, a wrong change costs both."""
+    torch.manual_seed(0)
+    model, mel = ag.AudioAutoencoder(n_mels=16, latent_dim=4, hidden=8), torch.randn(3, 16, 48)
+    with torch.no_grad():
+        mel_hat = model(mel)
+        mse, delta = torch.mean((mel_hat - mel) ** 2), torch.mean((mel_hat.diff(dim=-1) - mel.diff(dim=-1)) ** 2)
+        for weight in (0.0, 2.0):
+            cfg = ag.parse_args(["--delta_weight", str(weight), "--results_dir", str(tmp_path)])
+            trainer = ag.AudioTrainer(model, ag.AudioPreprocessor(16), cfg, torch.device("cpu"), 0, 1, steps_per_epoch=1)
+            loss, reported_mse, _ = trainer.loss(mel)
+            assert torch.allclose(reported_mse, mse) and torch.allclose(loss, mse + weight * delta)
+    assert delta > 0
 
 
 def test_random_shift_cuts_each_clip_from_its_own_offset():
