@@ -847,7 +847,12 @@ def corpus_split(root: Path, split: str) -> tuple[torch.Tensor, list[str]]:
         segments = load_segments(files)
         clips.append(segments)
         labels += [label] * len(segments)
-    return torch.cat(clips), labels
+    # one group at a time into the result, not torch.cat: the peak is then the corpus plus one group, not twice the corpus
+    out, start = torch.empty(len(labels), CLIP_SAMPLES), 0
+    while clips:
+        group = clips.pop(0)
+        out[start : start + len(group)], start = group, start + len(group)
+    return out, labels
 
 
 def build_datasets(cfg: argparse.Namespace) -> AudioData:
