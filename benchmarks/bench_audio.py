@@ -68,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pca_clips", type=int, default=1500, help="training clips PCA is fitted on")
     p.add_argument("--budgets", default="16,32,64,128", help="rate: latent channels per 16 frames, one model each")
     p.add_argument("--epochs", type=int, default=2, help="rate: training epochs per model (an epoch: one draw per clip)")
+    p.add_argument("--delta_weight", type=float, default=1.0,
+                   help="rate: audio_gen.py's --delta_weight for every model (the published figure: 0, made before the flag)")
     p.add_argument("--long_minutes", type=float, default=10.0, help="long: length of the long input")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling of clips, initialisation and Griffin-Lim")
     return p.parse_args()
@@ -155,7 +157,8 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
     music = val[torch.from_numpy(labels == "music_mixture")][: cfg.wave_clips]
     # audio_gen.py's own flags and defaults, so each model is configured as `--mode train` would configure it
     tcfg = ag.parse_args(["--model", "ae", "--corpus_dir", cfg.corpus_dir, "--epochs", str(cfg.epochs),
-                          "--batch_size", "16", "--seed", str(cfg.seed)])
+                          "--batch_size", "16", "--seed", str(cfg.seed),
+                          "--delta_weight", str(cfg.delta_weight)])
     ag.validate(tcfg)
     cpu = torch.device("cpu")
     weights = ag.draw_weights(ag.AudioData(train, val, "corpus", True, train_sources, val_sources), tcfg.corpus_mix)
