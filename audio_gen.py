@@ -851,7 +851,8 @@ def corpus_split(root: Path, split: str) -> tuple[torch.Tensor, list[str]]:
     out, start = torch.empty(len(labels), CLIP_SAMPLES), 0
     while clips:
         group = clips.pop(0)
-        out[start : start + len(group)], start = group, start + len(group)
+        out[start : start + len(group)] = group
+        start += len(group)
     return out, labels
 
 

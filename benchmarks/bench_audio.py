@@ -158,8 +158,7 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
     # audio_gen.py's own flags and defaults, so each model is configured as `--mode train` would configure it
     tcfg = ag.parse_args(["--model", "ae", "--corpus_dir", cfg.corpus_dir, "--epochs", str(cfg.epochs),
                           "--batch_size", "16", "--seed", str(cfg.seed),
-                          "--delta_weight", str(cfg.delta_weight)])
-    ag.validate(tcfg)
+                          "--delta_weight", str(cfg.delta_weight)])  # parse_args validates
     cpu = torch.device("cpu")
     weights = ag.draw_weights(ag.AudioData(train, val, "corpus", True, train_sources, val_sources), tcfg.corpus_mix)
     rows = []
