@@ -1970,7 +1970,10 @@ def plot_training_curves(history: dict[str, list[float]], path: Path) -> None:
     epochs = range(1, len(history["train_loss"]) + 1)
     variational = "train_kl" in history
     fig, axes = plt.subplots(1, 4 if variational else 3, figsize=(20 if variational else 15, 4))
-    axes[0].semilogy(epochs, history["train_recon"] if variational else history["train_loss"], label="train MSE")
+    if variational:  # the VAE's loss adds the KL term: its MSE alone sits beside the held-out MSE
+        axes[0].semilogy(epochs, history["train_recon"], label="train MSE")
+    else:
+        axes[0].semilogy(epochs, history["train_loss"], label="train loss (MSE + delta term)")
     axes[0].semilogy(epochs, history["val_mse"], label="held-out MSE")
     axes[0].semilogy(epochs, history["val_mae"], label="held-out MAE")
     axes[0].set(title="loss (normalised log-mel)", xlabel="epoch")
