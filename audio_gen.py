@@ -3,6 +3,8 @@
 audio (16 kHz mono, 5 s) -> log-mel [n_mels x 256] -> Conv1d encoder (4 layers, time / 16)
 -> latent [latent_dim x 16] -> ConvTranspose1d decoder (4 layers) -> log-mel
 -> mel inverse (non-negative least squares) -> Griffin-Lim -> audio.
+At reconstruction the encoder's latent is only the start: 25 Adam steps on the latent (--refine_steps) fit it to the
+fixed decoder, which on unheard audio lowers the mel MSE by a fifth at the same latent size.
 The VAE (--model vae) makes the latent a Gaussian per latent frame, trained with a beta-weighted KL to N(0, I), so
 it can draw new clips from a prior (N(0, I), or a mixture fitted to the training codes) and walk between two sounds.
 
@@ -233,6 +235,8 @@ LATENT_FRAMES_PER_SECOND = SAMPLE_RATE / HOP / TIME_STRIDE  # 3.19: one latent f
 ACTIVE_KL_NATS = 0.01  # a latent channel whose held-out KL is above this (nats per latent frame) carries information
 MUSDB_STEMS = ("vocals", "drums", "bass", "other", "mixture")
 STEMS = ("harmonic", *MUSDB_STEMS)  # harmonic = the original generator (440 Hz and its harmonics)
+REFINE_STEPS = 25  # Adam steps on each clip's latent at encode time (AudioAutoencoder.encode_refined); 0: the encoder alone
+REFINE_LEARNING_RATE = 0.1  # ... at which held-out speech and music converge within 25 steps
 DEFAULT_CORPUS_MIX = "speech=0.45,music=0.35,synthetic=0.2"  # the shipped model's draws
 CORPUS_SOURCES = ("speech", "music", "synthetic")
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus"}
@@ -303,6 +307,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recon.add_argument("--griffin_lim_iters", type=int, default=32, help="Griffin-Lim iterations (momentum 0.99)")
     recon.add_argument("--inverse", choices=["nnls", "torchaudio"], default="nnls",
                        help="mel -> linear step: non-negative least squares (multiplicative updates) or torchaudio InverseMelScale")
+    recon.add_argument("--refine_steps", type=int, default=REFINE_STEPS,
+                       help="Adam steps that fit each clip's latent to the decoder before decoding (same latent size); "
+                            "25 lowered held-out speech mel MSE by a fifth, 0 is the encoder alone (docs/audio.md)")
     recon.add_argument("--eval_clips", type=int, default=8, help="held-out clips taken through Griffin-Lim for waveform metrics")
     gen = p.add_argument_group("generation (VAE)")
     gen.add_argument("--seconds", type=float, default=5.0, help="sample: length of each clip; interpolate: of each step")
@@ -349,6 +356,7 @@ LIMITS = {  # every numeric flag: validate() and --help read it
     "learning_rate": Bounds(float, 0, 1, open_low=True),
     "weight_decay": Bounds(float, 0, 10),
     "griffin_lim_iters": Bounds(int, 1, 1000, why="each one is an STFT and an inverse STFT of the whole clip"),
+    "refine_steps": Bounds(int, 0, 10_000, why="each step is a decoder pass forward and back"),
     "eval_clips": Bounds(int, 1, 1000),
     "seconds": Bounds(float, MIN_INPUT_SECONDS, 600, why="a clip is decoded in one piece"),
     "temperature": Bounds(float, 0, 10),
@@ -977,6 +985,31 @@ class AudioAutoencoder(nn.Module):
         return self.decode(self.encode(mel))
 
     @torch.no_grad()
+    def encode_refined(self, mel: torch.Tensor, steps: int) -> torch.Tensor:
+        """The encoder's latent (B, latent_dim, T/16), then `steps` Adam steps on the latent alone (the weights stay
+        fixed) towards the code whose decoding is nearest mel in MSE.
+
+        The encoder is one amortised guess for every clip, and on audio unlike its training clips the decoder's best
+        code lies further from it: 25 steps cut held-out speech mel MSE from 0.036 to 0.030 and the decoder, not the
+        code, then limits. The latent keeps its size, so the rate does not change; only encoding costs more."""
+        z = self.encode(mel)
+        if steps == 0:
+            return z
+        z = z.detach().requires_grad_(True)
+        optimizer = torch.optim.Adam([z], lr=REFINE_LEARNING_RATE)
+        with torch.enable_grad():
+            for _ in range(steps):
+                per_clip = (self.decode(z) - mel).pow(2).mean(dim=(1, 2))  # a sum of per-clip MSEs: clips do not interact
+                z.grad, = torch.autograd.grad(per_clip.sum(), z)  # autograd.grad: the weights' .grad stay untouched
+                optimizer.step()
+        return z.detach()
+
+    @torch.no_grad()
+    def reconstruct_mel(self, mel: torch.Tensor, refine_steps: int) -> torch.Tensor:
+        """(B, n_mels, T) -> the decoding of its (refined) latent, (B, n_mels, T): what every evaluation path scores."""
+        return self.decode(self.encode_refined(mel, refine_steps))
+
+    @torch.no_grad()
     def init_linear_path(self, mels: torch.Tensor) -> None:
         """Set the linear path to the PCA of the 16-frame patches of mels (N, n_mels, T): z = V (x - mu), x^ = V^T z + mu,
         V the top latent_dim eigenvectors of the patch covariance (the convolutional path adds zero until it trains)."""
@@ -1264,12 +1297,12 @@ def waveform_metrics(ref: torch.Tensor, est: torch.Tensor, speech_like: bool) ->
 
 @torch.no_grad()
 def reconstruct(model: nn.Module, pre: AudioPreprocessor, wav: torch.Tensor, griffin_lim_iters: int, inverse: str,
-                seed: int) -> dict:
+                seed: int, refine_steps: int) -> dict:
     """Clips (B, L) -> mels, model mels, and waveforms from both through the same inverse path, at the input's level."""
     gain = pre.level_gain(wav)  # (B, 1)
     padded = pre.pad(wav * gain)  # frames to a multiple of 16; Griffin-Lim runs at the padded length, then trims
     mel = pre(padded)
-    mel_hat = model(mel)
+    mel_hat = model.reconstruct_mel(mel, refine_steps)
     torch.manual_seed(seed)  # same Griffin-Lim initial phase for both paths, run after run
     wav_hat = pre.to_waveform(mel_hat, padded.shape[-1], griffin_lim_iters, inverse)[..., : wav.shape[-1]] / gain
     torch.manual_seed(seed)
@@ -1286,15 +1319,16 @@ def score_clips(model: nn.Module, pre: AudioPreprocessor, clips: torch.Tensor, c
     for wav in clips.split(cfg.batch_size):
         wav = wav.to(device)
         mel = pre(wav * pre.level_gain(wav))
-        mels.append(mel), mel_hats.append(model(mel))
+        mels.append(mel), mel_hats.append(model.reconstruct_mel(mel, cfg.refine_steps))
     mel_scores = mel_metrics(torch.cat(mels), torch.cat(mel_hats), pre)
     heard = clips[: cfg.eval_clips].to(device)
-    rec = {k: v.cpu() for k, v in {**reconstruct(model, pre, heard, cfg.griffin_lim_iters, cfg.inverse, cfg.seed),
-                                   "wav": heard}.items()}
+    rec = reconstruct(model, pre, heard, cfg.griffin_lim_iters, cfg.inverse, cfg.seed, cfg.refine_steps)
+    rec = {k: v.cpu() for k, v in {**rec, "wav": heard}.items()}
     metrics = {
         "mel": {**mel_scores, "clips": len(clips)},
         "waveform": {
             "clips": len(heard), "inverse": cfg.inverse, "griffin_lim_iters": cfg.griffin_lim_iters,
+            "refine_steps": cfg.refine_steps,
             "autoencoder": waveform_metrics(rec["wav"], rec["wav_hat"], speech_like),
             "griffin_lim_ceiling": waveform_metrics(rec["wav"], rec["wav_ceiling"], speech_like),
         },
@@ -1723,9 +1757,10 @@ class AudioModel:
         self.sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
         self.sample_rate = SAMPLE_RATE
 
-    def reconstruct(self, wav: torch.Tensor, griffin_lim_iters: int = 32, seed: int = 0, inverse: str = "nnls") -> dict:
+    def reconstruct(self, wav: torch.Tensor, griffin_lim_iters: int = 32, seed: int = 0, inverse: str = "nnls",
+                    refine_steps: int = REFINE_STEPS) -> dict:
         """(L,) at 16 kHz -> wav_hat and the Griffin-Lim ceiling wav_ceiling (L,), mel and mel_hat (n_mels, T), on the CPU."""
-        rec = reconstruct(self.model, self.pre, wav.to(self.device)[None], griffin_lim_iters, inverse, seed)
+        rec = reconstruct(self.model, self.pre, wav.to(self.device)[None], griffin_lim_iters, inverse, seed, refine_steps)
         return {k: v[0].cpu() for k, v in rec.items()}
 
     def metrics(self, wav: torch.Tensor, rec: dict, speech_like: bool = True) -> dict:
@@ -1766,7 +1801,8 @@ class AudioModel:
                     griffin_lim_iters: int = 32, inverse: str = "nnls") -> dict:
         """Two clips (L,) -> steps + 1 clips decoded from z_t = (1 - t) z_a + t z_b, t = 0, 1/steps, ..., 1.
 
-        z_a and z_b are the posterior means, so t = 0 and t = 1 are the two clips' reconstructions. A straight line,
+        z_a and z_b are the posterior means, so t = 0 and t = 1 are the two clips' reconstructions by the encoder
+        alone (--refine_steps 0): the walk stays in the space the encoder maps audio to. A straight line,
         not a slerp: slerp keeps a prior draw's norm, but these are posterior means, whose per-frame norms differ
         (a silent frame sits near the origin), and on a line every step is a plain mixture of the two codes.
         The level walks from one clip's to the other's in dB. Returns mel (2, n_mels, T), mel_hat (steps + 1, ...),
@@ -1838,7 +1874,7 @@ def reconstruct_file(audio: AudioModel, original: Path, out: Path, cfg: argparse
             length = step + overlap if total - pos > step + overlap + SAMPLE_RATE else total - pos
             src.seek(pos)
             wav = torch.from_numpy(src.read(length, dtype="float32"))
-            rec = audio.reconstruct(wav, cfg.griffin_lim_iters, cfg.seed, cfg.inverse)
+            rec = audio.reconstruct(wav, cfg.griffin_lim_iters, cfg.seed, cfg.inverse, cfg.refine_steps)
             for path, value in flatten(audio.metrics(wav, rec)):
                 if isinstance(value, float):
                     sums[path] = sums.get(path, 0.0) + value * wav.numel()
@@ -1892,7 +1928,8 @@ def infer(cfg: argparse.Namespace) -> None:
             if created and not any(results.iterdir()):  # a refused input leaves no folder behind either
                 results.rmdir()
         metrics.update({"input": str(cfg.input), "seconds": seconds, "chunk_seconds": CHUNK_SECONDS})
-        metrics["waveform"].update(inverse=cfg.inverse, griffin_lim_iters=cfg.griffin_lim_iters)
+        metrics["waveform"].update(inverse=cfg.inverse, griffin_lim_iters=cfg.griffin_lim_iters,
+                                   refine_steps=cfg.refine_steps)
         labels = [stem if seconds <= CHUNK_SECONDS else f"{stem} (first {CHUNK_SECONDS} s)"]
         written = f"{reconstructed.name}, {original.name}"
     else:

@@ -70,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="rate: training epochs per model (an epoch: one draw per clip)")
     p.add_argument("--delta_weight", type=float, default=1.0,
                    help="rate: audio_gen.py's --delta_weight for every model (the published figure: 0, made before the flag)")
+    p.add_argument("--refine_steps", type=int, default=ag.REFINE_STEPS,
+                   help="audio_gen.py's --refine_steps for every model scored (the published rate figure and VAE table: 0)")
     p.add_argument("--long_minutes", type=float, default=10.0, help="long: length of the long input")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling of clips, initialisation and Griffin-Lim")
     return p.parse_args()
@@ -114,8 +116,8 @@ def held_out(cfg: argparse.Namespace, audio: ag.AudioModel, train: torch.Tensor,
              val_sources: list[str]) -> None:
     pre, model, k = audio.pre, audio.model, audio.config["latent_dim"]
     train_mel = normalised_mels(pre, train)
-    print(f"\n== held-out corpus, checkpoint {audio.checkpoint} (epoch {audio.epoch}, {k} latent channels); "
-          f"PCA fitted on {len(train)} training clips")
+    print(f"\n== held-out corpus, checkpoint {audio.checkpoint} (epoch {audio.epoch}, {k} latent channels, "
+          f"--refine_steps {cfg.refine_steps}); PCA fitted on {len(train)} training clips")
     print("| source | clips | mel MSE: model / PCA | spectral convergence: model / PCA / ceiling | "
           "LSD dB: model / ceiling | PESQ-WB: model / PCA / ceiling | STOI: model / PCA / ceiling |")
     print("|---|---|---|---|---|---|---|")
@@ -123,8 +125,7 @@ def held_out(cfg: argparse.Namespace, audio: ag.AudioModel, train: torch.Tensor,
     for source in dict.fromkeys(val_sources):
         clips = val[torch.from_numpy(labels == source)]
         mel = normalised_mels(pre, clips)
-        with torch.no_grad():
-            model_mel = torch.cat([model(m) for m in mel.split(32)])
+        model_mel = torch.cat([model.reconstruct_mel(m, cfg.refine_steps) for m in mel.split(32)])
         pca_mel = pca_reconstruct(train_mel, mel, k)
         mse = [ag.mel_metrics(mel, m, pre)["mse"] for m in (model_mel, pca_mel)]
         n, speech = min(cfg.wave_clips, len(clips)), source == "speech"
@@ -137,8 +138,7 @@ def held_out(cfg: argparse.Namespace, audio: ag.AudioModel, train: torch.Tensor,
     synthetic = ag.SyntheticMUSDBDataset(1100, "mixture", 0)
     clips = torch.stack([synthetic[i] for i in range(990, 1100)])
     mel = normalised_mels(pre, clips)
-    with torch.no_grad():
-        mse = ag.mel_metrics(mel, torch.cat([model(m) for m in mel.split(32)]), pre)["mse"]
+    mse = ag.mel_metrics(mel, torch.cat([model.reconstruct_mel(m, cfg.refine_steps) for m in mel.split(32)]), pre)["mse"]
     # MSE on the normalised log-mel depends on each model's std: compare in log-mel units (MSE x std^2)
     raw, specialist = mse * pre.std.item() ** 2, SPECIALIST_MSE * SPECIALIST_STD**2
     print(f"\nsynthetic mixtures 990-1099 (seed 0, the specialist's held-out set): normalised mel MSE {mse:.4f}, "
@@ -180,8 +180,7 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
             model.eval()
             row = {"k": k, "minutes": (time.perf_counter() - start) / 60}
             for name, (clips, mel) in scored.items():
-                with torch.no_grad():
-                    model_mel = model(mel)
+                model_mel = model.reconstruct_mel(mel, cfg.refine_steps)
                 pca_mel = pca_reconstruct(train_mel[pca_sample], mel, k)
                 for path, m in (("model", model_mel), ("pca", pca_mel), ("ceiling", mel)):
                     row[f"{name}_{path}"] = after_inverse(pre, clips, m, name == "speech", cfg.seed)
@@ -207,7 +206,7 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
     if Path(cfg.checkpoint).is_file():  # loaded only now: a training run may still be writing it
         shipped, s = ag.load_audio_model(cfg.checkpoint, "cpu"), {}
         for name, clips in (("speech", speech), ("music", music)):
-            rec = [shipped.reconstruct(c, seed=cfg.seed) for c in clips]
+            rec = [shipped.reconstruct(c, seed=cfg.seed, refine_steps=cfg.refine_steps) for c in clips]
             s[name] = ag.waveform_metrics(clips, torch.stack([r["wav_hat"] for r in rec]), name == "speech")
         shipped_point = (shipped.config["latent_dim"] * ag.LATENT_FRAMES_PER_SECOND, s)
         print(f"shipped model ({shipped.config['latent_dim']} channels, full training): speech STOI "
@@ -260,17 +259,17 @@ def long_input(cfg: argparse.Namespace, val: torch.Tensor) -> None:
             print(f"{minutes:g} min of audio: {time.perf_counter() - start:.0f} s wall, peak memory {peak:.0f} MiB")
 
 
-def speed(audio: ag.AudioModel, clip: torch.Tensor, repeats: int = 7) -> None:
+def speed(audio: ag.AudioModel, clip: torch.Tensor, refine_steps: int, repeats: int = 7) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        audio.reconstruct(clip)  # encode, decode, NNLS inverse and 32 Griffin-Lim iterations, twice (model and ceiling)
+        audio.reconstruct(clip, refine_steps=refine_steps)  # encode (and refine), decode, NNLS inverse and 32 Griffin-Lim iterations, twice (model and ceiling)
         times.append(time.perf_counter() - start)
     torch.set_num_threads(threads)
-    print(f"\n5-s clip reconstructed on 1 thread (model and ceiling paths): {np.median(times) * 1000:.0f} ms, "
-          f"median of {repeats}")
+    print(f"\n5-s clip reconstructed on 1 thread (model and ceiling paths, --refine_steps {refine_steps}): "
+          f"{np.median(times) * 1000:.0f} ms, median of {repeats}")
 
 
 def mel_statistics(clips: torch.Tensor) -> np.ndarray:
@@ -327,13 +326,12 @@ def vae_benchmark(cfg: argparse.Namespace, train: torch.Tensor, train_sources: l
         mse = "0 (the original mel)"
         if audio is not None:
             mel = normalised_mels(pre, val)
-            with torch.no_grad():
-                mse = f"{ag.mel_metrics(mel, torch.cat([audio.model(m) for m in mel.split(32)]), pre)['mse']:.4f}"
+            mse = torch.cat([audio.model.reconstruct_mel(m, cfg.refine_steps) for m in mel.split(32)])
+            mse = f"{ag.mel_metrics(mel, mse, pre)['mse']:.4f}"
         scores = []
         for clips, is_speech in ((speech[: cfg.wave_clips], True), (mixture[: cfg.wave_clips], False)):
             mel = normalised_mels(pre, clips)
-            with torch.no_grad():
-                out = audio.model(mel) if audio is not None else mel
+            out = audio.model.reconstruct_mel(mel, cfg.refine_steps) if audio is not None else mel
             scores.append(after_inverse(pre, clips, out, is_speech, cfg.seed))
         rate = "n/a", "n/a"
         if audio is vae:
@@ -354,7 +352,7 @@ def vae_benchmark(cfg: argparse.Namespace, train: torch.Tensor, train_sources: l
     for clips in others.split(16):
         torch.manual_seed(cfg.seed)
         with torch.no_grad():
-            reconstructed.append(ag.reconstruct(ae.model, ae.pre, clips, 32, "nnls", cfg.seed)["wav_hat"])
+            reconstructed.append(ag.reconstruct(ae.model, ae.pre, clips, 32, "nnls", cfg.seed, cfg.refine_steps)["wav_hat"])
     def draw(prior: str, temperature: float) -> torch.Tensor:
         return torch.cat([vae.sample(min(16, n - i), 5.0, temperature, cfg.seed + i, prior=prior)["wav_hat"]
                           for i in range(0, n, 16)])
@@ -400,7 +398,7 @@ def main() -> None:
     if "long" in parts:
         long_input(cfg, val)
     if "speed" in parts:
-        speed(audio, val[0])
+        speed(audio, val[0], cfg.refine_steps)
     if "vae" in parts:
         vae_benchmark(cfg, train, train_sources, val, val_sources)
     print(f"\nbenchmark wall time: {(time.perf_counter() - start) / 60:.1f} min")

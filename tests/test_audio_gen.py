@@ -458,6 +458,21 @@ def test_shipped_model_reconstructs_a_voice_it_never_heard(shipped):
     assert stoi > SHIPPED_STOI_FLOOR, stoi
 
 
+def test_refining_the_latent_brings_the_decoding_nearer_an_unheard_voice(shipped):
+    """On a voice no training run heard, the encoder's latent is a guess the decoder can improve on: 25 Adam steps on
+    the latent alone lower the mel MSE (by a fifth on held-out speech), per clip, leaving the weights as they were."""
+    wav = torch.stack([_unheard_speech()[: ag.CLIP_SAMPLES], _unheard_speech(7)[: ag.CLIP_SAMPLES]])
+    mel = shipped.pre(wav * shipped.pre.level_gain(wav))  # (2, n_mels, 256)
+    weights = {k: v.clone() for k, v in shipped.model.state_dict().items()}
+    z0, z = shipped.model.encode(mel), shipped.model.encode_refined(mel, ag.REFINE_STEPS)
+    assert z.shape == z0.shape == (2, 64, 16) and torch.equal(shipped.model.encode_refined(mel, 0), z0)
+    before, after = [(shipped.model.decode(c) - mel).pow(2).mean(dim=(1, 2)) for c in (z0, z)]
+    assert (after < 0.95 * before).all(), (before, after)
+    assert torch.allclose(shipped.model.encode_refined(mel[1:], ag.REFINE_STEPS), z[1:], atol=1e-4)  # clips apart
+    assert all(torch.equal(v, weights[k]) for k, v in shipped.model.state_dict().items())
+    assert all(p.grad is None for p in shipped.model.parameters())
+
+
 def test_reconstruction_does_not_depend_on_the_input_level(shipped):
     wav = _unheard_speech(7)
     scores, levels = [], []
@@ -487,10 +502,10 @@ def test_a_long_input_is_reconstructed_in_cross_faded_chunks(trained, tmp_path):
     assert m["seconds"] == pytest.approx(n / rate, abs=1e-3) and m["chunk_seconds"] == ag.CHUNK_SECONDS
 
     class Identity(ag.AudioModel):
-        def reconstruct(self, wav, griffin_lim_iters=32, seed=0, inverse="nnls"):
-            return {**super().reconstruct(wav, 1, seed, inverse), "wav_hat": wav.clone()}
+        def reconstruct(self, wav, griffin_lim_iters=32, seed=0, inverse="nnls", refine_steps=0):
+            return {**super().reconstruct(wav, 1, seed, inverse, refine_steps), "wav_hat": wav.clone()}
 
-    cfg = argparse.Namespace(griffin_lim_iters=1, seed=0, inverse="nnls")
+    cfg = argparse.Namespace(griffin_lim_iters=1, seed=0, inverse="nnls", refine_steps=0)
     ag.reconstruct_file(Identity(checkpoint, torch.device("cpu")), tmp_path / "out" / "long_original_16k.wav",
                         tmp_path / "identity.wav", cfg)
     assert np.abs(sf.read(tmp_path / "identity.wav", dtype="float32")[0] - original).max() < 2 / 2**15
@@ -541,7 +556,7 @@ def test_interpolation_ends_at_the_two_posterior_mean_reconstructions(vae, tmp_p
     walk = audio.interpolate(a, b, steps=4, griffin_lim_iters=4)
     assert walk["mel_hat"].shape[0] == walk["wav_hat"].shape[0] == 5 and walk["wav_hat"].shape[1] == len(t)
     for step, wav in ((0, a), (4, b)):
-        alone = audio.reconstruct(wav, griffin_lim_iters=4)
+        alone = audio.reconstruct(wav, griffin_lim_iters=4, refine_steps=0)
         assert torch.allclose(walk["mel_hat"][step], alone["mel_hat"], atol=1e-4), step
     assert not torch.allclose(walk["mel_hat"][2], walk["mel_hat"][0], atol=1e-2)  # the middle is neither end
     sf.write(tmp_path / "a.wav", a.numpy(), 16_000), sf.write(tmp_path / "b.wav", b.numpy(), 16_000)
