@@ -125,7 +125,7 @@ def held_out(cfg: argparse.Namespace, audio: ag.AudioModel, train: torch.Tensor,
     for source in dict.fromkeys(val_sources):
         clips = val[torch.from_numpy(labels == source)]
         mel = normalised_mels(pre, clips)
-        model_mel = torch.cat([model.reconstruct_mel(m, cfg.refine_steps) for m in mel.split(32)])
+        model_mel = torch.cat([ag.reconstruct_mel(model, pre, m, cfg.refine_steps) for m in mel.split(32)])
         pca_mel = pca_reconstruct(train_mel, mel, k)
         mse = [ag.mel_metrics(mel, m, pre)["mse"] for m in (model_mel, pca_mel)]
         n, speech = min(cfg.wave_clips, len(clips)), source == "speech"
@@ -138,7 +138,7 @@ def held_out(cfg: argparse.Namespace, audio: ag.AudioModel, train: torch.Tensor,
     synthetic = ag.SyntheticMUSDBDataset(1100, "mixture", 0)
     clips = torch.stack([synthetic[i] for i in range(990, 1100)])
     mel = normalised_mels(pre, clips)
-    mse = ag.mel_metrics(mel, torch.cat([model.reconstruct_mel(m, cfg.refine_steps) for m in mel.split(32)]), pre)["mse"]
+    mse = ag.mel_metrics(mel, torch.cat([ag.reconstruct_mel(model, pre, m, cfg.refine_steps) for m in mel.split(32)]), pre)["mse"]
     # MSE on the normalised log-mel depends on each model's std: compare in log-mel units (MSE x std^2)
     raw, specialist = mse * pre.std.item() ** 2, SPECIALIST_MSE * SPECIALIST_STD**2
     print(f"\nsynthetic mixtures 990-1099 (seed 0, the specialist's held-out set): normalised mel MSE {mse:.4f}, "
@@ -180,7 +180,7 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
             model.eval()
             row = {"k": k, "minutes": (time.perf_counter() - start) / 60}
             for name, (clips, mel) in scored.items():
-                model_mel = model.reconstruct_mel(mel, cfg.refine_steps)
+                model_mel = ag.reconstruct_mel(model, pre, mel, cfg.refine_steps)
                 pca_mel = pca_reconstruct(train_mel[pca_sample], mel, k)
                 for path, m in (("model", model_mel), ("pca", pca_mel), ("ceiling", mel)):
                     row[f"{name}_{path}"] = after_inverse(pre, clips, m, name == "speech", cfg.seed)
@@ -326,12 +326,12 @@ def vae_benchmark(cfg: argparse.Namespace, train: torch.Tensor, train_sources: l
         mse = "0 (the original mel)"
         if audio is not None:
             mel = normalised_mels(pre, val)
-            mse = torch.cat([audio.model.reconstruct_mel(m, cfg.refine_steps) for m in mel.split(32)])
-            mse = f"{ag.mel_metrics(mel, mse, pre)['mse']:.4f}"
+            mel_hat = torch.cat([ag.reconstruct_mel(audio.model, pre, m, cfg.refine_steps) for m in mel.split(32)])
+            mse = f"{ag.mel_metrics(mel, mel_hat, pre)['mse']:.4f}"
         scores = []
         for clips, is_speech in ((speech[: cfg.wave_clips], True), (mixture[: cfg.wave_clips], False)):
             mel = normalised_mels(pre, clips)
-            out = audio.model.reconstruct_mel(mel, cfg.refine_steps) if audio is not None else mel
+            out = ag.reconstruct_mel(audio.model, pre, mel, cfg.refine_steps) if audio is not None else mel
             scores.append(after_inverse(pre, clips, out, is_speech, cfg.seed))
         rate = "n/a", "n/a"
         if audio is vae:

@@ -87,11 +87,14 @@ def test_checkpoint_round_trip_and_resume(trained, tmp_path):
     assert after["config"]["hidden_channels"] == 32  # the model settings came from the checkpoint
     assert after["optimizer"]["state"]  # Adam moments were saved and carried over
     assert before["config"]["delta_weight"] == after["config"]["delta_weight"] == 1.0
+    assert before["config"]["sc_weight"] == after["config"]["sc_weight"] == 0.0
 
-    del before["config"]["delta_weight"]  # a run from before the flag trained on the plain MSE, and resumes on it
+    del before["config"]["delta_weight"], before["config"]["sc_weight"]  # a run from before the flags: the plain MSE
     torch.save(before, ckpt_path)
-    ok(run("--mode", "train", "--resume", "--epochs", "3", "--checkpoint", str(ckpt_path), "--results_dir", "r", cwd=tmp_path))
-    assert torch.load(ckpt_path, weights_only=True)["config"]["delta_weight"] == 0.0
+    ok(run("--mode", "train", "--resume", "--epochs", "3", "--sc_weight", "5", "--checkpoint", str(ckpt_path),
+           "--results_dir", "r", cwd=tmp_path))
+    config = torch.load(ckpt_path, weights_only=True)["config"]
+    assert config["delta_weight"] == config["sc_weight"] == 0.0  # it resumes on the loss it trained with
 
 
 def test_infer_from_a_weights_only_checkpoint(trained, tmp_path):
@@ -164,20 +167,24 @@ def test_linear_path_starts_as_pca_of_the_training_patches():
     assert torch.equal(ag.from_patches(ag.to_patches(held_out), 16), held_out)
 
 
-def test_the_loss_adds_the_weighted_mse_of_frame_to_frame_changes(tmp_path):
-    """loss = MSE + --delta_weight * MSE of mel.diff(-1): 0 is the plain MSE; a level error that is constant over time
-    would cost only the first term, a wrong change costs both."""
+def test_the_loss_adds_the_weighted_mse_of_frame_to_frame_changes_and_the_spectral_convergence(tmp_path):
+    """loss = MSE + --delta_weight * MSE of mel.diff(-1) + --sc_weight * SC: 0 and 0 is the plain MSE; a level error
+    that is constant over time would cost only the first term, a wrong change costs both. SC is computed here from
+    its definition, ||M^ - M||_F / ||M||_F per clip on the magnitudes M = exp((x * std + mean) / 2)."""
     torch.manual_seed(0)
     model, mel = ag.AudioAutoencoder(n_mels=16, latent_dim=4, hidden=8), torch.randn(3, 16, 48)
+    pre = ag.AudioPreprocessor(16, mean=-6.0, std=4.0)
     with torch.no_grad():
         mel_hat = model(mel)
         mse, delta = torch.mean((mel_hat - mel) ** 2), torch.mean((mel_hat.diff(dim=-1) - mel.diff(dim=-1)) ** 2)
-        for weight in (0.0, 2.0):
-            cfg = ag.parse_args(["--delta_weight", str(weight), "--results_dir", str(tmp_path)])
-            trainer = ag.AudioTrainer(model, ag.AudioPreprocessor(16), cfg, torch.device("cpu"), 0, 1, steps_per_epoch=1)
+        magnitude, magnitude_hat = torch.exp((mel * 4 - 6) / 2), torch.exp((mel_hat * 4 - 6) / 2)
+        sc = torch.stack([(h - m).norm() / m.norm() for h, m in zip(magnitude_hat, magnitude)]).mean()
+        for weight, sc_weight in ((0.0, 0.0), (2.0, 0.0), (1.0, 0.5)):
+            cfg = ag.parse_args(["--delta_weight", str(weight), "--sc_weight", str(sc_weight), "--results_dir", str(tmp_path)])
+            trainer = ag.AudioTrainer(model, pre, cfg, torch.device("cpu"), 0, 1, steps_per_epoch=1)
             loss, reported_mse, _ = trainer.loss(mel)
-            assert torch.allclose(reported_mse, mse) and torch.allclose(loss, mse + weight * delta)
-    assert delta > 0
+            assert torch.allclose(reported_mse, mse) and torch.allclose(loss, mse + weight * delta + sc_weight * sc)
+    assert delta > 0 and sc > 0
 
 
 def test_random_shift_cuts_each_clip_from_its_own_offset():
@@ -460,17 +467,22 @@ def test_shipped_model_reconstructs_a_voice_it_never_heard(shipped):
 
 def test_refining_the_latent_brings_the_decoding_nearer_an_unheard_voice(shipped):
     """On a voice no training run heard, the encoder's latent is a guess the decoder can improve on: 25 Adam steps on
-    the latent alone lower the mel MSE (by a fifth on held-out speech), per clip, leaving the weights as they were."""
+    the latent alone lower the refinement's objective (log-mel MSE + REFINE_SC_WEIGHT x spectral convergence) and the
+    convergence itself on each clip, independently of the other clips, leaving the weights as they were."""
     wav = torch.stack([_unheard_speech()[: ag.CLIP_SAMPLES], _unheard_speech(7)[: ag.CLIP_SAMPLES]])
-    mel = shipped.pre(wav * shipped.pre.level_gain(wav))  # (2, n_mels, 256)
-    weights = {k: v.clone() for k, v in shipped.model.state_dict().items()}
-    z0, z = shipped.model.encode(mel), shipped.model.encode_refined(mel, ag.REFINE_STEPS)
-    assert z.shape == z0.shape == (2, 64, 16) and torch.equal(shipped.model.encode_refined(mel, 0), z0)
-    before, after = [(shipped.model.decode(c) - mel).pow(2).mean(dim=(1, 2)) for c in (z0, z)]
-    assert (after < 0.95 * before).all(), (before, after)
-    assert torch.allclose(shipped.model.encode_refined(mel[1:], ag.REFINE_STEPS), z[1:], atol=1e-4)  # clips apart
-    assert all(torch.equal(v, weights[k]) for k, v in shipped.model.state_dict().items())
-    assert all(p.grad is None for p in shipped.model.parameters())
+    model, pre = shipped.model, shipped.pre
+    mel = pre(wav * pre.level_gain(wav))  # (2, n_mels, 256)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    z0, z = model.encode(mel), ag.encode_refined(model, pre, mel, ag.REFINE_STEPS)
+    assert z.shape == z0.shape == (2, 64, 16) and torch.equal(ag.encode_refined(model, pre, mel, 0), z0)
+    with torch.no_grad():
+        (mse0, sc0), (mse, sc) = [((model.decode(c) - mel).pow(2).mean(dim=(1, 2)), pre.spectral_convergence(mel, model.decode(c)))
+                                  for c in (z0, z)]
+    assert (mse + ag.REFINE_SC_WEIGHT * sc < 0.9 * (mse0 + ag.REFINE_SC_WEIGHT * sc0)).all() and (sc < 0.9 * sc0).all(), (sc0, sc)
+    assert torch.allclose(ag.encode_refined(model, pre, mel[1:], ag.REFINE_STEPS), z[1:], atol=1e-4)  # clips apart
+    assert torch.allclose(ag.reconstruct_mel(model, pre, mel, ag.REFINE_STEPS), model.decode(z), atol=1e-5)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_reconstruction_does_not_depend_on_the_input_level(shipped):
