@@ -73,6 +73,7 @@ MAX_GUIDANCE_SCALE = GUIDANCE.high
 AUDIO_LIMITS = audio_gen.LIMITS
 TEMPERATURE, CLIP_SECONDS, AUDIO_SEED = AUDIO_LIMITS["temperature"], AUDIO_LIMITS["seconds"], AUDIO_LIMITS["seed"]
 MAX_GRIFFIN_LIM_ITERS = 256  # tighter than audio_gen's 1000: 30 s at 256 iterations is ~26 s on one CPU thread
+MAX_REFINE_STEPS = 100  # tighter than audio_gen's 10,000: 30 s at 100 steps adds about 5 s on one CPU thread
 MAX_UPLOAD_MB = 10  # also .streamlit/config.toml's server.maxUploadSize, so the web app refuses what the API does
 MAX_AUDIO_SECONDS = 30.0
 # The VAE: what a sample or a walk may produce, in total, is what the longest reconstruction may (30 s of audio)
@@ -721,9 +722,12 @@ def create_app(args: argparse.Namespace) -> FastAPI:
                                                          f"{MAX_AUDIO_SECONDS:g} s and {args.max_upload_mb:g} MB")],
             arrived: Annotated[float, Depends(arrival)],
             griffin_lim_iters: Annotated[int, Form(ge=1, le=MAX_GRIFFIN_LIM_ITERS,
-                                                   description="Griffin-Lim iterations")] = 32) -> Response:
-        """Encode and decode an upload with the autoencoder, then invert its mel with Griffin-Lim. Returns
-        audio/wav; X-Audio-Duration-Seconds and Server-Timing carry the duration and timings."""
+                                                   description="Griffin-Lim iterations")] = 32,
+            refine_steps: Annotated[int, Form(ge=0, le=MAX_REFINE_STEPS, description="Adam steps fitting the latent "
+                                              "to the decoder; 0: the encoder alone")] = audio_gen.REFINE_STEPS,
+    ) -> Response:
+        """Encode (and refine the latent), decode an upload with the autoencoder, then invert its mel with Griffin-Lim.
+        Returns audio/wav; X-Audio-Duration-Seconds and Server-Timing carry the duration and timings."""
         data = await file.read()  # bounded by BodySizeLimit
         seconds = probe_audio(data, MAX_AUDIO_SECONDS)
         model = loaded(request)["audio"]
@@ -733,7 +737,8 @@ def create_app(args: argparse.Namespace) -> FastAPI:
             if wav.numel() > (MAX_AUDIO_SECONDS + 1) * model.sample_rate:  # a header that understated its length
                 raise Problem(422, f"the audio lasts {wav.numel() / model.sample_rate:.1f} s; at most "
                                    f"{MAX_AUDIO_SECONDS:g} s is served")
-            return wav_bytes(model.reconstruct(wav, griffin_lim_iters=griffin_lim_iters)["wav_hat"], model.sample_rate)
+            rec = model.reconstruct(wav, griffin_lim_iters=griffin_lim_iters, refine_steps=refine_steps)
+            return wav_bytes(rec["wav_hat"], model.sample_rate)
 
         wav, timing = await request.app.state.lanes["audio"].run(job, arrived, args.deadline_s)
         timing["total"] = time.monotonic() - arrived

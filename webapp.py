@@ -286,6 +286,7 @@ def audio_tab() -> None:
         upload = st.audio_input("Record a clip", key="recording")
     left, right = st.columns(2)
     iterations = left.slider("Griffin-Lim iterations", 1, api.MAX_GRIFFIN_LIM_ITERS, 32, key="griffin_lim_iters")
+    refine = left.slider("Latent refinement steps", 0, api.MAX_REFINE_STEPS, audio_gen.REFINE_STEPS, key="refine_steps")
     speech = right.checkbox("Speech (adds PESQ-WB and STOI)", value=True, key="speech")
     if upload is not None and st.button("Reconstruct", type="primary", key="reconstruct"):
         try:
@@ -296,7 +297,7 @@ def audio_tab() -> None:
         with st.status(f"Reconstructing {wav.numel() / model.sample_rate:.1f} s…") as status:
             started = time.monotonic()
             with lock:
-                rec = model.reconstruct(wav, griffin_lim_iters=iterations)
+                rec = model.reconstruct(wav, griffin_lim_iters=iterations, refine_steps=refine)
                 metrics = model.metrics(wav, rec, speech_like=speech)
             status.update(label=f"Reconstructed in {time.monotonic() - started:.2f} s", state="complete")
         st.session_state.reconstructed = {"wav": wav.numpy(), "rec": rec, "metrics": metrics,

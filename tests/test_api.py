@@ -155,6 +155,7 @@ def test_openapi_shows_the_limits_and_docs_need_no_network(client):
     assert str(api.MAX_SAMPLE_STEPS) in schema["components"]["schemas"]["ImageRequest"]["description"].replace(",", "")
     upload = next(s for name, s in schema["components"]["schemas"].items() if "reconstruct" in name)
     assert upload["properties"]["griffin_lim_iters"]["maximum"] == api.MAX_GRIFFIN_LIM_ITERS
+    assert upload["properties"]["refine_steps"]["maximum"] == api.MAX_REFINE_STEPS
     assert "60 s" in schema["info"]["description"] and "10 MB" in schema["info"]["description"]
     sample = schema["components"]["schemas"]["AudioSampleRequest"]
     assert sample["properties"]["num_samples"]["maximum"] == api.MAX_AUDIO_SAMPLES and "30 s" in sample["description"]
@@ -270,6 +271,10 @@ def test_reconstruct_returns_a_16khz_mono_wav_of_the_same_length(client):
     wav, rate = sf.read(io.BytesIO(response.content))
     assert rate == audio_gen.SAMPLE_RATE and wav.ndim == 1 and len(wav) == int(1.5 * audio_gen.SAMPLE_RATE)
     assert np.isfinite(wav).all() and np.abs(wav).max() > 0.01
+    unrefined = client.post("/v1/audio/reconstruct", files={"file": ("tone.wav", upload, "audio/wav")},
+                            data={"griffin_lim_iters": "4", "refine_steps": "0"})
+    assert unrefined.status_code == 200 and unrefined.content != response.content  # the field reaches the model
+    assert len(sf.read(io.BytesIO(unrefined.content))[0]) == len(wav)
 
 
 def test_reconstruct_judges_audio_by_content_not_by_name(client):
@@ -297,6 +302,8 @@ def nan_wav() -> bytes:
     (tone_wav, {"griffin_lim_iters": "0"}, "griffin_lim_iters"),
     (tone_wav, {"griffin_lim_iters": str(api.MAX_GRIFFIN_LIM_ITERS + 1)}, "griffin_lim_iters"),
     (tone_wav, {"griffin_lim_iters": "lots"}, "griffin_lim_iters"),
+    (tone_wav, {"refine_steps": "-1"}, "refine_steps"),
+    (tone_wav, {"refine_steps": str(api.MAX_REFINE_STEPS + 1)}, "refine_steps"),
 ])
 def test_reconstruct_refuses_bad_audio_and_parameters_with_422(client, upload, form, words):
     response = client.post("/v1/audio/reconstruct", files={"file": ("clip.wav", upload(), "audio/wav")}, data=form)
