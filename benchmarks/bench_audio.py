@@ -70,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="rate: training epochs per model (an epoch: one draw per clip)")
     p.add_argument("--delta_weight", type=float, default=1.0,
                    help="rate: audio_gen.py's --delta_weight for every model (the published figure: 0, made before the flag)")
+    p.add_argument("--sc_weight", type=float, default=0.2,
+                   help="rate: audio_gen.py's --sc_weight for every model (the published figure: 0, made before the flag)")
     p.add_argument("--refine_steps", type=int, default=ag.REFINE_STEPS,
                    help="audio_gen.py's --refine_steps for every model scored (the published rate figure and VAE table: 0)")
     p.add_argument("--long_minutes", type=float, default=10.0, help="long: length of the long input")
@@ -158,7 +160,7 @@ def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources:
     # audio_gen.py's own flags and defaults, so each model is configured as `--mode train` would configure it
     tcfg = ag.parse_args(["--model", "ae", "--corpus_dir", cfg.corpus_dir, "--epochs", str(cfg.epochs),
                           "--batch_size", "16", "--seed", str(cfg.seed),
-                          "--delta_weight", str(cfg.delta_weight)])  # parse_args validates
+                          "--delta_weight", str(cfg.delta_weight), "--sc_weight", str(cfg.sc_weight)])  # validated
     cpu = torch.device("cpu")
     weights = ag.draw_weights(ag.AudioData(train, val, "corpus", True, train_sources, val_sources), tcfg.corpus_mix)
     rows = []
