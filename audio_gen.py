@@ -1671,8 +1671,8 @@ def train(cfg: argparse.Namespace) -> None:
     if cfg.resume:  # model and data settings come from the checkpoint; --epochs becomes the new total
         ckpt = load_checkpoint(checkpoint, resume=True)
         vars(cfg).update({k: v for k, v in ckpt["config"].items() if k not in ("epochs", "learning_rate", "batch_size")})
-        cfg.delta_weight = ckpt["config"].get("delta_weight", 0.0)  # runs from before the flags trained on the plain MSE
-        cfg.sc_weight = ckpt["config"].get("sc_weight", 0.0)
+        for term in ("delta_weight", "sc_weight"):  # a run from before these flags trained without their terms
+            setattr(cfg, term, ckpt["config"].get(term, 0.0))
         cfg.model = model_kind(ckpt)
         if ckpt["epoch"] >= cfg.epochs:
             raise UsageError(f"checkpoint {checkpoint} already has {ckpt['epoch']} epochs; pass --epochs above that to resume")

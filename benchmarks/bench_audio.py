@@ -267,7 +267,7 @@ def speed(audio: ag.AudioModel, clip: torch.Tensor, refine_steps: int, repeats: 
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        audio.reconstruct(clip, refine_steps=refine_steps)  # encode (and refine), decode, NNLS inverse and 32 Griffin-Lim iterations, twice (model and ceiling)
+        audio.reconstruct(clip, refine_steps=refine_steps)  # model and ceiling paths: NNLS + 32 Griffin-Lim each
         times.append(time.perf_counter() - start)
     torch.set_num_threads(threads)
     print(f"\n5-s clip reconstructed on 1 thread (model and ceiling paths, --refine_steps {refine_steps}): "
