@@ -238,6 +238,7 @@ STEMS = ("harmonic", *MUSDB_STEMS)  # harmonic = the original generator (440 Hz 
 REFINE_STEPS = 25  # Adam steps on each clip's latent at reconstruction (encode_refined); 0: the encoder alone
 REFINE_LEARNING_RATE = 0.1  # ... at which held-out speech and music converge within 25 steps
 REFINE_SC_WEIGHT = 0.3  # ... on log-mel MSE + this x spectral convergence (0.1-1 score alike on held-out speech)
+ARCHITECTURE = ("n_mels", "latent_dim", "hidden_channels", "postnet_blocks")  # the config keys that build a model
 DEFAULT_CORPUS_MIX = "speech=0.45,music=0.35,synthetic=0.2"  # the shipped model's draws
 CORPUS_SOURCES = ("speech", "music", "synthetic")
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus"}
@@ -261,7 +262,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--resume", action="store_true", help="train: continue from --checkpoint (weights, optimizer, epoch, history)")
     run.add_argument("--init_from", default=None,
                      help="train: start from this checkpoint's weights and normalisation (e.g. a VAE from the shipped "
-                          "autoencoder); its n_mels, latent_dim and hidden_channels are used")
+                          "autoencoder); its n_mels, latent_dim and hidden_channels are used, and --postnet_blocks may add blocks")
     run.add_argument("--input", default=None,
                      help="infer: reconstruct this audio file (any length, sample rate, channels); interpolate: the start")
     run.add_argument("--input_b", default=None, help="interpolate: the end of the walk")
@@ -285,6 +286,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--n_mels", type=int, default=128, help="mel bins = Conv1d input channels")
     model.add_argument("--latent_dim", type=int, default=64, help="latent channels per latent frame (one latent frame per 16 mel frames)")
     model.add_argument("--hidden_channels", type=int, default=192, help="channels of every layer between the mel bins and the latent")
+    model.add_argument("--postnet_blocks", type=int, default=0,
+                       help="residual blocks that refine the decoded mel at full time resolution (the post-net); with "
+                            "--init_from, blocks the checkpoint lacks start as the identity (docs/audio.md)")
     model.add_argument("--kl_weight", type=float, default=0.3,
                        help="vae: beta, the weight of the KL (nats per latent frame, divided by the 2,048 mel values a "
                             "latent frame codes) against the mel MSE; 0.3 kept the held-out MSE within 13 %% of the "
@@ -351,6 +355,7 @@ LIMITS = {  # every numeric flag: validate() and --help read it
     "n_mels": Bounds(int, 16, 512),
     "latent_dim": Bounds(int, 1, 1024),
     "hidden_channels": Bounds(int, 1, 4096, why="memory and time grow with its square"),
+    "postnet_blocks": Bounds(int, 0, 32, why="each block is two convolutions over every mel frame"),
     "kl_weight": Bounds(float, 0, 100),
     "kl_warmup_steps": Bounds(int, 0, 10_000_000),
     "free_bits": Bounds(float, 0, 100),
@@ -930,13 +935,15 @@ def render_clips(dataset: Dataset, progress: bool) -> torch.Tensor:
 # Model
 # ----------------------------------------------------------------------------
 class ResBlock(nn.Module):
-    """x + conv(GELU(conv(GELU(LayerNorm(x))))): adds depth at one time resolution without changing shape."""
+    """x + conv(GELU(conv(GELU(LayerNorm(x))))): adds depth at one time resolution without changing shape.
+    The inner convolution may be wider than x (`inner` channels), as in the post-net."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, inner: int | None = None, kernel_size: int = 3):
         super().__init__()
+        inner = inner or channels
         self.norm = nn.LayerNorm(channels)  # over channels at each frame, so any clip length normalises the same
-        self.conv1 = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
+        self.conv1 = nn.Conv1d(channels, inner, kernel_size=kernel_size, padding=kernel_size // 2)
+        self.conv2 = nn.Conv1d(inner, channels, kernel_size=kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x.transpose(1, 2)).transpose(1, 2)  # (B, C, T): LayerNorm wants channels last
@@ -954,9 +961,14 @@ class AudioAutoencoder(nn.Module):
     encoders' outputs, the reconstruction the sum of both decoders'. The last layer of each
     convolutional path starts at zero, so after init_linear_path the model starts as the training
     set's PCA and the convolutional path learns what PCA misses.
+
+    A post-net of `postnet_blocks` residual blocks on the mel bins (Tacotron 2's idea: Shen et al. 2018) then
+    refines the summed reconstruction at full time resolution, where the decoder's last layer is one linear map
+    from its features to the bins. Each block's last conv starts at zero, so a post-net added to trained weights
+    (--init_from) begins as the identity and the grown model as the one it grew from.
     """
 
-    def __init__(self, n_mels: int = 128, latent_dim: int = 64, hidden: int = 192):
+    def __init__(self, n_mels: int = 128, latent_dim: int = 64, hidden: int = 192, postnet_blocks: int = 0):
         super().__init__()
         down = lambda c_in, c_out: nn.Conv1d(c_in, c_out, kernel_size=4, stride=2, padding=1)  # noqa: E731
         up = lambda c_in, c_out: nn.ConvTranspose1d(c_in, c_out, kernel_size=4, stride=2, padding=1)  # noqa: E731
@@ -976,7 +988,8 @@ class AudioAutoencoder(nn.Module):
         )
         self.patch_encoder = nn.Linear(n_mels * TIME_STRIDE, latent_dim)
         self.patch_decoder = nn.Linear(latent_dim, n_mels * TIME_STRIDE)
-        for layer in (self.encoder[-1], self.decoder[-1]):
+        self.postnet = nn.Sequential(*[ResBlock(n_mels, hidden, kernel_size=5) for _ in range(postnet_blocks)])
+        for layer in (self.encoder[-1], self.decoder[-1], *(block.conv2 for block in self.postnet)):
             nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
@@ -985,7 +998,7 @@ class AudioAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         n_mels = self.patch_decoder.out_features // TIME_STRIDE
         linear = from_patches(self.patch_decoder(z.transpose(1, 2)), n_mels)  # (B, T/16, n_mels*16) -> (B, n_mels, T)
-        return self.decoder(z) + linear
+        return self.postnet(self.decoder(z) + linear)  # (B, n_mels, T): the post-net keeps the shape
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(mel))
@@ -1016,8 +1029,8 @@ class AudioVAE(AudioAutoencoder):
     the training pass asks for sample=True.
     """
 
-    def __init__(self, n_mels: int = 128, latent_dim: int = 64, hidden: int = 192):
-        super().__init__(n_mels, latent_dim, hidden)
+    def __init__(self, n_mels: int = 128, latent_dim: int = 64, hidden: int = 192, postnet_blocks: int = 0):
+        super().__init__(n_mels, latent_dim, hidden, postnet_blocks)
         self.logvar = nn.Conv1d(hidden, latent_dim, kernel_size=4, stride=2, padding=1)
         nn.init.zeros_(self.logvar.weight), nn.init.constant_(self.logvar.bias, -6.0)
 
@@ -1585,7 +1598,7 @@ def draw_weights(data: AudioData, mix: dict[str, float]) -> torch.Tensor | None:
 
 def checkpoint_config(cfg: argparse.Namespace) -> dict:
     """The settings infer and resume need, as plain types (weights_only loading accepts nothing else)."""
-    keys = ("model", "n_mels", "latent_dim", "hidden_channels", "stem", "seed", "num_samples", "audio_dir", "musdb_root",
+    keys = ("model", "n_mels", "latent_dim", "hidden_channels", "postnet_blocks", "stem", "seed", "num_samples", "audio_dir", "musdb_root",
             "corpus_dir", "corpus_mix", "batch_size", "delta_weight", "sc_weight", "learning_rate", "weight_decay", "epochs", "init_from")
     variational = ("kl_weight", "kl_warmup_steps", "free_bits", "prior_components") if cfg.model == "vae" else ()
     return {k: getattr(cfg, k) for k in keys + variational}
@@ -1627,7 +1640,8 @@ def load_checkpoint(path: Path, resume: bool = False, model: str | None = None) 
         raise UsageError(f"checkpoint {path} has format version {version} ({age} audio_gen.py); "
                          f"this script reads version {FORMAT_VERSION}")
     config = ckpt["config"]
-    for name in ("n_mels", "latent_dim", "hidden_channels"):  # a doctored config must not build a giant model
+    config.setdefault("postnet_blocks", 0)  # checkpoints from before the post-net have none
+    for name in ARCHITECTURE:  # a doctored config must not build a giant model
         if config.get(name) not in LIMITS[name]:
             raise UsageError(f"checkpoint {path}: its config has {name} {config.get(name)!r}, not "
                              f"{LIMITS[name].describe()}")
@@ -1644,22 +1658,24 @@ def load_checkpoint(path: Path, resume: bool = False, model: str | None = None) 
 
 def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[AudioAutoencoder, AudioPreprocessor]:
     c = ckpt["config"]
-    model = (AudioVAE if model_kind(ckpt) == "vae" else AudioAutoencoder)(c["n_mels"], c["latent_dim"], c["hidden_channels"])
+    model = (AudioVAE if model_kind(ckpt) == "vae" else AudioAutoencoder)(*(c[k] for k in ARCHITECTURE))
     load_weights(model, ckpt["model"], path)
     return model, AudioPreprocessor(c["n_mels"], **ckpt["normalisation"])
 
 
 def load_weights(model: AudioAutoencoder, state: dict, path: Path) -> None:
     """Load a checkpoint's weights, shape for shape. Only the VAE's log-variance conv may be absent (a VAE started from
-    an autoencoder keeps its fresh one) or left over (an autoencoder started from a VAE drops it)."""
+    an autoencoder keeps its fresh one) or left over (an autoencoder started from a VAE drops it), and post-net blocks
+    may be absent (a model grown by --postnet_blocks: each missing block is the identity it starts as)."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError:
         missing, unexpected = ["(shapes)"], []
-    if any(not k.startswith("logvar.") for k in missing + unexpected):
+    if any(not k.startswith(("logvar.", "postnet.")) for k in missing) or any(not k.startswith("logvar.") for k in unexpected):
         c = model.patch_decoder
         raise UsageError(f"checkpoint {path}: its weights do not fit a model of n_mels {c.out_features // TIME_STRIDE}, "
-                         f"latent_dim {c.in_features}, hidden_channels {model.encoder[0].out_channels}") from None
+                         f"latent_dim {c.in_features}, hidden_channels {model.encoder[0].out_channels}, "
+                         f"postnet_blocks {len(model.postnet)}") from None
 
 
 def train(cfg: argparse.Namespace) -> None:
@@ -1678,7 +1694,10 @@ def train(cfg: argparse.Namespace) -> None:
             raise UsageError(f"checkpoint {checkpoint} already has {ckpt['epoch']} epochs; pass --epochs above that to resume")
     if cfg.init_from and ckpt is None:  # a new run from trained weights: the architecture and normalisation come with them
         start = load_checkpoint(Path(cfg.init_from))
-        vars(cfg).update({k: start["config"][k] for k in ("n_mels", "latent_dim", "hidden_channels")})
+        vars(cfg).update({k: start["config"][k] for k in ARCHITECTURE if k != "postnet_blocks"})  # the post-net may grow
+        if cfg.postnet_blocks < start["config"]["postnet_blocks"]:
+            raise UsageError(f"--postnet_blocks {cfg.postnet_blocks}: {cfg.init_from} has {start['config']['postnet_blocks']}; "
+                             f"a model started from it may add post-net blocks, not drop them")
     data = build_datasets(cfg)  # bad data fails here, before anything is written
     rank, world_size = setup_distributed()
     if isinstance(data.train, Subset):  # synthetic
@@ -1688,7 +1707,7 @@ def train(cfg: argparse.Namespace) -> None:
     if ckpt is not None:
         model, pre = model_from_checkpoint(ckpt, checkpoint)
     else:
-        model = (AudioVAE if cfg.model == "vae" else AudioAutoencoder)(cfg.n_mels, cfg.latent_dim, cfg.hidden_channels)
+        model = (AudioVAE if cfg.model == "vae" else AudioAutoencoder)(*(getattr(cfg, k) for k in ARCHITECTURE))
         pre = AudioPreprocessor(cfg.n_mels, **start["normalisation"]) if start else AudioPreprocessor(cfg.n_mels)
     if start is not None:
         load_weights(model, start["model"], Path(cfg.init_from))

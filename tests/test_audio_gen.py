@@ -264,6 +264,10 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
     torch.save({**good, "config": {**good["config"], "hidden_channels": 10**9}}, tmp / "doctored.pt")
     torch.save({**good, "model": {**good["model"], "encoder.0.weight": good["model"]["encoder.0.weight"] * np.nan}},
                tmp / "nan_weights.pt")
+    postnet = {f"postnet.0.{k}": v for k, v in ag.ResBlock(128, 32, kernel_size=5).state_dict().items()}
+    torch.save({**good, "model": {**good["model"], **postnet}}, tmp / "extra_postnet.pt")
+    torch.save({**good, "model": {**good["model"], **postnet}, "config": {**good["config"], "postnet_blocks": 1}},
+               tmp / "postnet.pt")
     torch.save(PlantedCode(tmp / "marker"), tmp / "planted.pt")
     (tmp / "planted.pkl").write_bytes(pickle.dumps(PlantedCode(tmp / "marker")))
     (tmp / "no_audio").mkdir()
@@ -291,6 +295,8 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
         "training checkpoint in an unwritable folder": ["--mode", "train", "--checkpoint", "/proc/iag/model.pt"],
         "resume from incompatible checkpoint": ["--mode", "train", "--resume", "--epochs", "5", "--checkpoint", str(tmp / "foreign.pt")],
         "init from a folder": [*train, "--init_from", str(tmp / "no_audio")],
+        "init that would drop post-net blocks": [*train, "--init_from", str(tmp / "postnet.pt"), "--postnet_blocks", "0"],
+        "checkpoint with post-net weights its config lacks": ["--mode", "infer", "--checkpoint", str(tmp / "extra_postnet.pt")],
         # audio
         "unreadable audio": [*infer, "--input", str(tmp / "garbage.wav")],
         "missing audio": [*infer, "--input", str(tmp / "absent.wav")],
@@ -587,6 +593,23 @@ def test_a_vae_started_from_an_autoencoder_reconstructs_as_it_does(trained):
     assert torch.allclose(vae_model.eval()(mel), ae.model(mel), atol=1e-5)
     _, kl = vae_model.train()(mel, sample=True)
     assert kl.shape == (2, 64, 4) and (kl >= 0).all()
+
+
+def test_a_post_net_grown_onto_trained_weights_starts_as_the_model_it_grew_from(trained, tmp_path):
+    """--init_from with --postnet_blocks 1: the new block starts as the identity, so the grown model reconstructs as
+    the tiny one does; a training epoch then moves the block, and the checkpoint records it and loads it back."""
+    start = trained / "models" / "audio_autoencoder.pt"
+    tiny = ag.load_audio_model(start, device="cpu")
+    grown = ag.AudioAutoencoder(128, 64, 32, postnet_blocks=1).eval()
+    ag.load_weights(grown, tiny.model.state_dict(), start)
+    mel = torch.randn(2, 128, 64)
+    with torch.no_grad():
+        assert torch.equal(grown(mel), tiny.model(mel))
+    ok(run("--mode", "train", "--epochs", "1", "--stem", "vocals", *TINY, "--init_from", str(start), "--postnet_blocks", "1",
+           "--checkpoint", str(tmp_path / "grown.pt"), "--results_dir", str(tmp_path), cwd=tmp_path))
+    trained_grown = ag.load_audio_model(tmp_path / "grown.pt", device="cpu")
+    assert trained_grown.config["postnet_blocks"] == 1 and len(trained_grown.model.postnet) == 1
+    assert trained_grown.model.postnet[0].conv2.weight.abs().max() > 0  # the block left the identity
 
 
 def test_sample_and_interpolate_refuse_an_autoencoder(trained, tmp_path):
