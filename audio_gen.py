@@ -1656,11 +1656,15 @@ def load_checkpoint(path: Path, resume: bool = False, model: str | None = None) 
     return ckpt
 
 
+def build_model(kind: str, config: dict) -> AudioAutoencoder:
+    """A fresh autoencoder or VAE (kind ae or vae) of the architecture that config's ARCHITECTURE keys give."""
+    return (AudioVAE if kind == "vae" else AudioAutoencoder)(*(config[k] for k in ARCHITECTURE))
+
+
 def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[AudioAutoencoder, AudioPreprocessor]:
-    c = ckpt["config"]
-    model = (AudioVAE if model_kind(ckpt) == "vae" else AudioAutoencoder)(*(c[k] for k in ARCHITECTURE))
+    model = build_model(model_kind(ckpt), ckpt["config"])
     load_weights(model, ckpt["model"], path)
-    return model, AudioPreprocessor(c["n_mels"], **ckpt["normalisation"])
+    return model, AudioPreprocessor(ckpt["config"]["n_mels"], **ckpt["normalisation"])
 
 
 def load_weights(model: AudioAutoencoder, state: dict, path: Path) -> None:
@@ -1707,7 +1711,7 @@ def train(cfg: argparse.Namespace) -> None:
     if ckpt is not None:
         model, pre = model_from_checkpoint(ckpt, checkpoint)
     else:
-        model = (AudioVAE if cfg.model == "vae" else AudioAutoencoder)(*(getattr(cfg, k) for k in ARCHITECTURE))
+        model = build_model(cfg.model, vars(cfg))
         pre = AudioPreprocessor(cfg.n_mels, **start["normalisation"]) if start else AudioPreprocessor(cfg.n_mels)
     if start is not None:
         load_weights(model, start["model"], Path(cfg.init_from))
