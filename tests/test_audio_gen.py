@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -138,6 +139,9 @@ def test_metrics_on_identical_inputs_and_on_noise():
     assert same["cosine"] == pytest.approx(1, abs=1e-5) and same["pesq_proxy"] == pytest.approx(1, abs=1e-5)
     noise = ag.mel_metrics(mel, torch.randn(mel.shape, generator=torch.Generator().manual_seed(0)), pre)
     assert noise["mse"] > 1 and abs(noise["cosine"]) < 0.2 and noise["pesq_proxy"] < 0.1
+    louder = mel + math.log(16) / pre.std  # 16x the mel power: 4x the magnitudes, 2x the loudness (power ** 0.25)
+    assert pre.spectral_convergence(mel, louder) == pytest.approx(torch.full((2,), 3.0), rel=1e-4)
+    assert pre.spectral_convergence(mel, louder, ag.LOUDNESS_EXPONENT) == pytest.approx(torch.full((2,), 1.0), rel=1e-4)
 
     wave_same = ag.waveform_metrics(clips, clips, speech_like=False)
     assert wave_same["spectral_convergence"] == 0 and wave_same["log_spectral_distance_db"] == 0
@@ -473,8 +477,8 @@ def test_shipped_model_reconstructs_a_voice_it_never_heard(shipped):
 
 def test_refining_the_latent_brings_the_decoding_nearer_an_unheard_voice(shipped):
     """On a voice no training run heard, the encoder's latent is a guess the decoder can improve on: 25 Adam steps on
-    the latent alone lower the refinement's objective (log-mel MSE + REFINE_SC_WEIGHT x spectral convergence) and the
-    convergence itself on each clip, independently of the other clips, leaving the weights as they were."""
+    the latent alone lower the refinement's objective (refinement_loss) and the convergence on magnitudes and on
+    loudness on each clip, independently of the other clips, leaving the weights as they were."""
     wav = torch.stack([_unheard_speech()[: ag.CLIP_SAMPLES], _unheard_speech(7)[: ag.CLIP_SAMPLES]])
     model, pre = shipped.model, shipped.pre
     mel = pre(wav * pre.level_gain(wav))  # (2, n_mels, 256)
@@ -482,9 +486,9 @@ def test_refining_the_latent_brings_the_decoding_nearer_an_unheard_voice(shipped
     z0, z = model.encode(mel), ag.encode_refined(model, pre, mel, ag.REFINE_STEPS)
     assert z.shape == z0.shape == (2, 64, 16) and torch.equal(ag.encode_refined(model, pre, mel, 0), z0)
     with torch.no_grad():
-        (mse0, sc0), (mse, sc) = [((model.decode(c) - mel).pow(2).mean(dim=(1, 2)), pre.spectral_convergence(mel, model.decode(c)))
-                                  for c in (z0, z)]
-    assert (mse + ag.REFINE_SC_WEIGHT * sc < 0.9 * (mse0 + ag.REFINE_SC_WEIGHT * sc0)).all() and (sc < 0.9 * sc0).all(), (sc0, sc)
+        before, after = [(ag.refinement_loss(pre, mel, model.decode(c)), pre.spectral_convergence(mel, model.decode(c)),
+                          pre.spectral_convergence(mel, model.decode(c), ag.LOUDNESS_EXPONENT)) for c in (z0, z)]
+    assert all((a < 0.9 * b).all() for a, b in zip(after, before)), (before, after)
     assert torch.allclose(ag.encode_refined(model, pre, mel[1:], ag.REFINE_STEPS), z[1:], atol=1e-4)  # clips apart
     assert torch.allclose(ag.reconstruct_mel(model, pre, mel, ag.REFINE_STEPS), model.decode(z), atol=1e-5)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
