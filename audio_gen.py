@@ -312,6 +312,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="weight of the spectral convergence on mel magnitudes beside the log-mel MSE: it weighs "
                             "the loud bins that the waveform is judged by; the shipped model trained 10 epochs at 0.2, "
                             "then 10 at 0.5; 0 leaves it out (docs/audio.md)")
+    optim.add_argument("--loudness_weight", type=float, default=0.0,
+                       help="weight of the spectral convergence on loudness (mel power ** LOUDNESS_EXPONENT), the "
+                            "refinement's third term, beside the others; 0 leaves it out (docs/audio.md)")
     optim.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW peak learning rate: 100-step warm-up, then cosine decay to 5%% over --epochs")
     optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on weight matrices and kernels (not biases, norms)")
     recon = p.add_argument_group("reconstruction")
@@ -366,6 +369,7 @@ LIMITS = {  # every numeric flag: validate() and --help read it
     "batch_size": Bounds(int, 1, 4096, why="a batch's mels are on the device at once"),
     "delta_weight": Bounds(float, 0, 100),
     "sc_weight": Bounds(float, 0, 100),
+    "loudness_weight": Bounds(float, 0, 100),
     "learning_rate": Bounds(float, 0, 1, open_low=True),
     "weight_decay": Bounds(float, 0, 10),
     "griffin_lim_iters": Bounds(int, 1, 1000, why="each one is an STFT and an inverse STFT of the whole clip"),
@@ -1520,7 +1524,7 @@ class AudioTrainer:
     def loss(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, mel MSE, KL in nats per latent frame). The loss is MSE + --delta_weight * the MSE of the frame-to-frame
         differences, which a smeared envelope fails even where its frames are close on average, + --sc_weight * the
-        spectral convergence on mel magnitudes. The VAE adds
+        spectral convergence on mel magnitudes + --loudness_weight * the convergence on loudness. The VAE adds
         beta * KL / (n_mels * 16): the KL of a latent frame spread over the mel values it codes, so beta does not
         depend on n_mels. Beta warms up linearly over --kl_warmup_steps; a channel's KL below --free_bits is not
         penalised (Kingma et al. 2016)."""
@@ -1529,6 +1533,8 @@ class AudioTrainer:
         loss = mse + self.cfg.delta_weight * F.mse_loss(mel_hat.diff(dim=-1), mel.diff(dim=-1))
         if self.cfg.sc_weight > 0:
             loss = loss + self.cfg.sc_weight * self.pre.spectral_convergence(mel, mel_hat).mean()
+        if self.cfg.loudness_weight > 0:
+            loss = loss + self.cfg.loudness_weight * self.pre.spectral_convergence(mel, mel_hat, LOUDNESS_EXPONENT).mean()
         if kl is None:
             return loss, mse, torch.zeros((), device=mel.device)
         per_channel = kl.mean(dim=(0, 2))  # (latent_dim,) nats per latent frame
@@ -1613,7 +1619,7 @@ def draw_weights(data: AudioData, mix: dict[str, float]) -> torch.Tensor | None:
 def checkpoint_config(cfg: argparse.Namespace) -> dict:
     """The settings infer and resume need, as plain types (weights_only loading accepts nothing else)."""
     keys = ("model", "n_mels", "latent_dim", "hidden_channels", "postnet_blocks", "stem", "seed", "num_samples", "audio_dir", "musdb_root",
-            "corpus_dir", "corpus_mix", "batch_size", "delta_weight", "sc_weight", "learning_rate", "weight_decay", "epochs", "init_from")
+            "corpus_dir", "corpus_mix", "batch_size", "delta_weight", "sc_weight", "loudness_weight", "learning_rate", "weight_decay", "epochs", "init_from")
     variational = ("kl_weight", "kl_warmup_steps", "free_bits", "prior_components") if cfg.model == "vae" else ()
     return {k: getattr(cfg, k) for k in keys + variational}
 
@@ -1705,7 +1711,7 @@ def train(cfg: argparse.Namespace) -> None:
     if cfg.resume:  # model and data settings come from the checkpoint; --epochs becomes the new total
         ckpt = load_checkpoint(checkpoint, resume=True)
         vars(cfg).update({k: v for k, v in ckpt["config"].items() if k not in ("epochs", "learning_rate", "batch_size")})
-        for term in ("delta_weight", "sc_weight"):  # a run from before these flags trained without their terms
+        for term in ("delta_weight", "sc_weight", "loudness_weight"):  # a run from before these flags trained without their terms
             setattr(cfg, term, ckpt["config"].get(term, 0.0))
         cfg.model = model_kind(ckpt)
         if ckpt["epoch"] >= cfg.epochs:

@@ -89,13 +89,15 @@ def test_checkpoint_round_trip_and_resume(trained, tmp_path):
     assert after["optimizer"]["state"]  # Adam moments were saved and carried over
     assert before["config"]["delta_weight"] == after["config"]["delta_weight"] == 1.0
     assert before["config"]["sc_weight"] == after["config"]["sc_weight"] == 0.2
+    assert before["config"]["loudness_weight"] == after["config"]["loudness_weight"] == 0.0
 
-    del before["config"]["delta_weight"], before["config"]["sc_weight"]  # a run from before the flags: the plain MSE
+    for term in ("delta_weight", "sc_weight", "loudness_weight"):  # a run from before the flags: the plain MSE
+        del before["config"][term]
     torch.save(before, ckpt_path)
     ok(run("--mode", "train", "--resume", "--epochs", "3", "--sc_weight", "5", "--checkpoint", str(ckpt_path),
            "--results_dir", "r", cwd=tmp_path))
     config = torch.load(ckpt_path, weights_only=True)["config"]
-    assert config["delta_weight"] == config["sc_weight"] == 0.0  # it resumes on the loss it trained with
+    assert config["delta_weight"] == config["sc_weight"] == config["loudness_weight"] == 0.0  # the loss it trained with
 
 
 def test_infer_from_a_weights_only_checkpoint(trained, tmp_path):
@@ -171,24 +173,31 @@ def test_linear_path_starts_as_pca_of_the_training_patches():
     assert torch.equal(ag.from_patches(ag.to_patches(held_out), 16), held_out)
 
 
-def test_the_loss_adds_the_weighted_mse_of_frame_to_frame_changes_and_the_spectral_convergence(tmp_path):
-    """loss = MSE + --delta_weight * MSE of mel.diff(-1) + --sc_weight * SC: 0 and 0 is the plain MSE; a level error
-    that is constant over time would cost only the first term, a wrong change costs both. SC is computed here from
-    its definition, ||M^ - M||_F / ||M||_F per clip on the magnitudes M = exp((x * std + mean) / 2)."""
+def test_the_loss_adds_the_weighted_mse_of_frame_to_frame_changes_and_the_spectral_convergences(tmp_path):
+    """loss = MSE + --delta_weight * MSE of mel.diff(-1) + --sc_weight * SC on magnitudes + --loudness_weight * SC on
+    loudness: 0, 0 and 0 is the plain MSE; a level error that is constant over time would cost only the first term, a
+    wrong change costs both. Each SC is computed here from its definition, ||M^ - M||_F / ||M||_F per clip on
+    M = mel power ** p, mel power = exp(x * std + mean), p = 0.5 (magnitudes) or 0.25 (loudness)."""
     torch.manual_seed(0)
     model, mel = ag.AudioAutoencoder(n_mels=16, latent_dim=4, hidden=8), torch.randn(3, 16, 48)
     pre = ag.AudioPreprocessor(16, mean=-6.0, std=4.0)
+
+    def convergence(exponent: float) -> torch.Tensor:
+        ref, est = torch.exp(mel * 4 - 6) ** exponent, torch.exp(mel_hat * 4 - 6) ** exponent
+        return torch.stack([(h - m).norm() / m.norm() for h, m in zip(est, ref)]).mean()
+
     with torch.no_grad():
         mel_hat = model(mel)
         mse, delta = torch.mean((mel_hat - mel) ** 2), torch.mean((mel_hat.diff(dim=-1) - mel.diff(dim=-1)) ** 2)
-        magnitude, magnitude_hat = torch.exp((mel * 4 - 6) / 2), torch.exp((mel_hat * 4 - 6) / 2)
-        sc = torch.stack([(h - m).norm() / m.norm() for h, m in zip(magnitude_hat, magnitude)]).mean()
-        for weight, sc_weight in ((0.0, 0.0), (2.0, 0.0), (1.0, 0.5)):
-            cfg = ag.parse_args(["--delta_weight", str(weight), "--sc_weight", str(sc_weight), "--results_dir", str(tmp_path)])
+        sc, loudness = convergence(0.5), convergence(0.25)
+        for weight, sc_weight, loudness_weight in ((0.0, 0.0, 0.0), (2.0, 0.0, 0.0), (1.0, 0.5, 0.0), (1.0, 0.5, 2.0)):
+            cfg = ag.parse_args(["--delta_weight", str(weight), "--sc_weight", str(sc_weight),
+                                 "--loudness_weight", str(loudness_weight), "--results_dir", str(tmp_path)])
             trainer = ag.AudioTrainer(model, pre, cfg, torch.device("cpu"), 0, 1, steps_per_epoch=1)
             loss, reported_mse, _ = trainer.loss(mel)
-            assert torch.allclose(reported_mse, mse) and torch.allclose(loss, mse + weight * delta + sc_weight * sc)
-    assert delta > 0 and sc > 0
+            expected = mse + weight * delta + sc_weight * sc + loudness_weight * loudness
+            assert torch.allclose(reported_mse, mse) and torch.allclose(loss, expected)
+    assert delta > 0 and sc > 0 and loudness > 0 and not torch.isclose(sc, loudness)
 
 
 def test_random_shift_cuts_each_clip_from_its_own_offset():
