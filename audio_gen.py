@@ -311,10 +311,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--sc_weight", type=float, default=0.2,
                        help="weight of the spectral convergence on mel magnitudes beside the log-mel MSE: it weighs "
                             "the loud bins that the waveform is judged by; the shipped model trained 10 epochs at 0.2, "
-                            "then 10 at 0.5; 0 leaves it out (docs/audio.md)")
+                            "then 20 at 0.5; 0 leaves it out (docs/audio.md)")
     optim.add_argument("--loudness_weight", type=float, default=0.0,
-                       help="weight of the spectral convergence on loudness (mel power ** LOUDNESS_EXPONENT), the "
-                            "refinement's third term, beside the others; 0 leaves it out (docs/audio.md)")
+                       help=f"weight of the spectral convergence on loudness (mel power ** {LOUDNESS_EXPONENT}), the "
+                            "refinement's third term, beside the others; the shipped model's last 10 epochs trained at "
+                            "1; 0 leaves it out (docs/audio.md)")
     optim.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW peak learning rate: 100-step warm-up, then cosine decay to 5%% over --epochs")
     optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on weight matrices and kernels (not biases, norms)")
     recon = p.add_argument_group("reconstruction")
