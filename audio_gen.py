@@ -2073,7 +2073,7 @@ def plot_training_curves(history: dict[str, list[float]], path: Path) -> None:
     if variational:  # the VAE's loss adds the KL term: its MSE alone sits beside the held-out MSE
         axes[0].semilogy(epochs, history["train_recon"], label="train MSE")
     else:
-        axes[0].semilogy(epochs, history["train_loss"], label="train loss (MSE + --delta_weight, --sc_weight terms)")
+        axes[0].semilogy(epochs, history["train_loss"], label="train loss (MSE + the weighted terms)")
     axes[0].semilogy(epochs, history["val_mse"], label="held-out MSE")
     axes[0].semilogy(epochs, history["val_mae"], label="held-out MAE")
     axes[0].set(title="loss (normalised log-mel)", xlabel="epoch")
@@ -2090,8 +2090,8 @@ def plot_training_curves(history: dict[str, list[float]], path: Path) -> None:
                                                            lambda b: b * math.log(2) / LATENT_FRAMES_PER_SECOND))
         rate.set_ylabel("bit/s")
         axes[3].legend(title=f"active channels: {history['val_active_channels'][-1]:.0f}")
-    for ax in axes[:2]:
-        ax.legend()
+    axes[0].legend(loc="center right", bbox_to_anchor=(1, 0.35))  # between the MAE and the MSE, on the log axis
+    axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
     save_figure(fig, path)
