@@ -1333,9 +1333,10 @@ def refinement_loss(pre: AudioPreprocessor, mel: torch.Tensor, mel_hat: torch.Te
     run's weights and 24 held-out speech clips and music mixtures, 0.5 x magnitudes left PESQ-WB 0.80 below the
     ceiling and music SC 2.06x the ceiling's, 1 x, 0.82 and 2.01x. Weighing overshoot moves both: these weights,
     0.78 and 2.04x; on 48 further clips 0.90 and 1.91x, against 0.91 and 1.93x (docs/audio.md)."""
+    mse = (mel_hat - mel).pow(2).mean(dim=(1, 2))
+    magnitudes = pre.spectral_convergence(mel, mel_hat)
     loudness = pre.spectral_convergence(mel, mel_hat, LOUDNESS_EXPONENT, REFINE_LOUDNESS_OVERSHOOT)
-    return ((mel_hat - mel).pow(2).mean(dim=(1, 2)) + REFINE_SC_WEIGHT * pre.spectral_convergence(mel, mel_hat)
-            + REFINE_LOUDNESS_WEIGHT * loudness)
+    return mse + REFINE_SC_WEIGHT * magnitudes + REFINE_LOUDNESS_WEIGHT * loudness
 
 
 @torch.no_grad()
