@@ -1312,18 +1312,6 @@ def waveform_metrics(ref: torch.Tensor, est: torch.Tensor, speech_like: bool) ->
     return out
 
 
-def weighted_convergence(pre: AudioPreprocessor, mel: torch.Tensor, mel_hat: torch.Tensor, sc_weight: float,
-                         loudness_weight: float) -> torch.Tensor:
-    """Per clip (B,): sc_weight x the spectral convergence on magnitudes + loudness_weight x the convergence on
-    loudness (power ** LOUDNESS_EXPONENT): the training loss's convergence terms. A zero weight costs nothing."""
-    out = torch.zeros(mel.shape[0], device=mel.device)
-    if sc_weight > 0:
-        out = out + sc_weight * pre.spectral_convergence(mel, mel_hat)
-    if loudness_weight > 0:
-        out = out + loudness_weight * pre.spectral_convergence(mel, mel_hat, LOUDNESS_EXPONENT)
-    return out
-
-
 def refinement_loss(pre: AudioPreprocessor, mel: torch.Tensor, mel_hat: torch.Tensor) -> torch.Tensor:
     """Per clip (B,): log-mel MSE + REFINE_SC_WEIGHT x convergence on magnitudes + REFINE_LOUDNESS_WEIGHT x on loudness,
     where the loudness error of a bin decoded too loud counts REFINE_LOUDNESS_OVERSHOOT times (weigh_overshoot).
@@ -1558,7 +1546,10 @@ class AudioTrainer:
         mel_hat, kl = self.ddp(mel, sample=True) if self.variational else (self.ddp(mel), None)
         mse = F.mse_loss(mel_hat, mel)
         loss = mse + self.cfg.delta_weight * F.mse_loss(mel_hat.diff(dim=-1), mel.diff(dim=-1))
-        loss = loss + weighted_convergence(self.pre, mel, mel_hat, self.cfg.sc_weight, self.cfg.loudness_weight).mean()
+        if self.cfg.sc_weight > 0:  # the convergence terms; a zero weight costs nothing
+            loss = loss + self.cfg.sc_weight * self.pre.spectral_convergence(mel, mel_hat).mean()
+        if self.cfg.loudness_weight > 0:
+            loss = loss + self.cfg.loudness_weight * self.pre.spectral_convergence(mel, mel_hat, LOUDNESS_EXPONENT).mean()
         if kl is None:
             return loss, mse, torch.zeros((), device=mel.device)
         per_channel = kl.mean(dim=(0, 2))  # (latent_dim,) nats per latent frame
