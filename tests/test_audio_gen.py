@@ -501,7 +501,12 @@ def test_refining_the_latent_brings_the_decoding_nearer_an_unheard_voice(shipped
         before, after = [(ag.refinement_loss(pre, mel, model.decode(c)), pre.spectral_convergence(mel, model.decode(c)),
                           pre.spectral_convergence(mel, model.decode(c), ag.LOUDNESS_EXPONENT)) for c in (z0, z)]
     assert all((a < 0.9 * b).all() for a, b in zip(after, before)), (before, after)
-    assert torch.allclose(ag.encode_refined(model, pre, mel[1:], ag.REFINE_STEPS), z[1:], atol=1e-4)  # clips apart
+    # clips apart: the second clip refined alone ends where it ends in the batch. Compared by its objective, not its
+    # latent: Adam divides each step by the gradient's running size, so near-zero gradients turn rounding that
+    # differs with the batch size into latent differences of a few 1e-3 (the objectives agree to about 1e-5)
+    with torch.no_grad():
+        alone = ag.refinement_loss(pre, mel[1:], model.decode(ag.encode_refined(model, pre, mel[1:], ag.REFINE_STEPS)))
+    assert torch.allclose(alone, after[0][1:], rtol=1e-4), (alone, after[0])
     assert torch.allclose(ag.reconstruct_mel(model, pre, mel, ag.REFINE_STEPS), model.decode(z), atol=1e-5)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
