@@ -3,7 +3,7 @@
 audio (16 kHz mono, 5 s) -> log-mel [n_mels x 256] -> Conv1d encoder (4 layers, time / 16)
 -> latent [latent_dim x 16] -> ConvTranspose1d decoder (4 layers) -> log-mel
 -> mel inverse (non-negative least squares) -> Griffin-Lim -> audio.
-At reconstruction the encoder's latent is only the start: 25 Adam steps on the latent (--refine_steps) fit it to the
+At reconstruction the encoder's latent is only the start: 50 Adam steps on the latent (--refine_steps) fit it to the
 fixed decoder, which on unheard audio brings the output much nearer the input at the same latent size.
 The VAE (--model vae) makes the latent a Gaussian per latent frame, trained with a beta-weighted KL to N(0, I), so
 it can draw new clips from a prior (N(0, I), or a mixture fitted to the training codes) and walk between two sounds.
@@ -235,8 +235,8 @@ LATENT_FRAMES_PER_SECOND = SAMPLE_RATE / HOP / TIME_STRIDE  # 3.19: one latent f
 ACTIVE_KL_NATS = 0.01  # a latent channel whose held-out KL is above this (nats per latent frame) carries information
 MUSDB_STEMS = ("vocals", "drums", "bass", "other", "mixture")
 STEMS = ("harmonic", *MUSDB_STEMS)  # harmonic = the original generator (440 Hz and its harmonics)
-REFINE_STEPS = 25  # Adam steps on each clip's latent at reconstruction (encode_refined); 0: the encoder alone
-REFINE_LEARNING_RATE = 0.1  # ... at which held-out speech and music converge within 25 steps
+REFINE_STEPS = 50  # Adam steps on each clip's latent at reconstruction (encode_refined); 0: the encoder alone
+REFINE_LEARNING_RATE = 0.1  # ... at which the log-mel MSE converges within 25 steps; the convergence terms gain to 50
 REFINE_SC_WEIGHT = 1.0  # ... on log-mel MSE + this x spectral convergence on mel magnitudes (power ** 0.5) ...
 REFINE_LOUDNESS_WEIGHT = 1.0  # ... + this x the convergence on loudness (power ** LOUDNESS_EXPONENT) ...
 REFINE_LOUDNESS_OVERSHOOT = 2.0  # ... where a bin decoded too loud counts this x one too quiet: refinement_loss
