@@ -82,7 +82,7 @@ MAX_INTERPOLATION_STEPS = 16
 MAX_GENERATED_SECONDS = MAX_AUDIO_SECONDS  # num_samples x seconds, or (steps + 1) x the walk's clip length
 CLIP_GAP_SECONDS = 0.25  # several clips as one audio/wav: this much silence between them, as vae_interpolation.wav
 VAE_PRIORS = ("mixture", "standard")
-NO_CHECKPOINT = "none"  # --vae_checkpoint none: serve no VAE even where one exists
+NO_CHECKPOINT = "none"  # --gan_checkpoint none, --vae_checkpoint none: serve no GAN, no VAE, even where one exists
 DEFAULT_SAMPLER = {"diffusion": "ddim", "gan": "gan"}
 AUDIO_FORMATS = "wav, flac or ogg (anything libsndfile reads)"
 LOOPBACK_NAMES = {"localhost"}
@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("models (default: the checkpoints --mode infer picks)")
     g.add_argument("--image_checkpoint", default=env("image_checkpoint", None), help="image_gen.py diffusion checkpoint")
     g.add_argument("--gan_checkpoint", default=env("gan_checkpoint", None),
-                   help="image_gen.py GAN checkpoint (served as model 'gan' when one loads)")
+                   help=f"image_gen.py GAN checkpoint (served as model 'gan' when one loads; '{NO_CHECKPOINT}': no GAN)")
     g.add_argument("--audio_checkpoint", default=env("audio_checkpoint", None),
                    help="audio_gen.py checkpoint for /v1/audio/reconstruct (an autoencoder or a VAE)")
     g.add_argument("--vae_checkpoint", default=env("vae_checkpoint", None),
@@ -158,7 +158,7 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
             p.error(f"--cors_origins: {origin!r} is not an origin like http://127.0.0.1:8501 (scheme://host[:port])")
     for name in CHECKPOINT_FLAGS:
         path = getattr(args, name)
-        if not path or (name == "vae_checkpoint" and path.lower() == NO_CHECKPOINT):
+        if not path or (name in ("gan_checkpoint", "vae_checkpoint") and path.lower() == NO_CHECKPOINT):
             continue
         if Path(path).is_dir():
             p.error(f"--{name} {path} is a folder, not a checkpoint file")
@@ -318,12 +318,15 @@ def load_models(args: argparse.Namespace) -> dict[str, Any]:
     runs on a thread at startup."""
     device = args.device
     images = {"diffusion": image_gen.load_image_generator(args.image_checkpoint, model="diffusion", device=device)}
-    try:
-        images["gan"] = image_gen.load_image_generator(args.gan_checkpoint, model="gan", device=device)
-    except image_gen.UsageError as error:
-        if args.gan_checkpoint:
-            raise
-        log.info("no GAN served: %s", error)  # no GAN checkpoint trained or shipped yet
+    if (args.gan_checkpoint or "").lower() == NO_CHECKPOINT:
+        log.info("no GAN served: --gan_checkpoint %s", NO_CHECKPOINT)
+    else:
+        try:
+            images["gan"] = image_gen.load_image_generator(args.gan_checkpoint, model="gan", device=device)
+        except image_gen.UsageError as error:
+            if args.gan_checkpoint:
+                raise
+            log.info("no GAN served: %s", error)  # no GAN checkpoint trained or shipped yet
     audio = audio_gen.load_audio_model(args.audio_checkpoint, device=device)
     vae = load_vae(args.vae_checkpoint, device)
     # One tiny call of each, so the first client does not pay for lazy imports and first-call allocations.
@@ -375,7 +378,7 @@ def check_startup(args: argparse.Namespace) -> None:
     audio_gen.resolve_device(args.device)
     if args.image_checkpoint:
         image_gen.load_image_generator(args.image_checkpoint, model="diffusion", device="cpu")
-    if args.gan_checkpoint:
+    if args.gan_checkpoint and args.gan_checkpoint.lower() != NO_CHECKPOINT:
         image_gen.load_image_generator(args.gan_checkpoint, model="gan", device="cpu")
     if args.audio_checkpoint:
         audio_gen.load_audio_model(args.audio_checkpoint, device="cpu")

@@ -252,10 +252,13 @@ def test_generate_with_the_gan_when_one_is_served(client):
         client.post("/v1/images/generate", json={"model": "gan", "guidance_scale": 2}), 422)["detail"]
 
 
-def test_generate_refuses_a_model_that_is_not_served(client):
-    if "gan" in client.app.state.models["images"]:
-        pytest.skip("a GAN is served here")
-    assert "not served" in assert_problem(client.post("/v1/images/generate", json={"model": "gan"}), 422)["detail"]
+def test_generate_refuses_a_model_that_is_not_served():
+    """--gan_checkpoint none serves no GAN even where one ships: a request for it is the client's mistake."""
+    with TestClient(api.create_app(api.parse_args(["--gan_checkpoint", "none", "--vae_checkpoint", "none"]))) as bare:
+        wait_ready(bare)
+        assert list(bare.get("/v1/models").json()["images"]) == ["diffusion"]
+        detail = assert_problem(bare.post("/v1/images/generate", json={"model": "gan"}), 422)["detail"]
+    assert "not served" in detail
 
 
 # ----------------------------------------------------------------------------
