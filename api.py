@@ -84,6 +84,7 @@ CLIP_GAP_SECONDS = 0.25  # several clips as one audio/wav: this much silence bet
 VAE_PRIORS = ("mixture", "standard")
 NO_CHECKPOINT = "none"  # --gan_checkpoint none, --vae_checkpoint none: serve no GAN, no VAE, even where one exists
 DEFAULT_SAMPLER = {"diffusion": "ddim", "gan": "gan"}
+
 AUDIO_FORMATS = "wav, flac or ogg (anything libsndfile reads)"
 LOOPBACK_NAMES = {"localhost"}
 Bounds = image_gen.Bounds
@@ -104,6 +105,11 @@ class RangeHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = super()._get_help_string(action)
         return f"{text} [{FLAG_LIMITS[action.dest].describe()}]" if action.dest in FLAG_LIMITS else text
+
+
+def declined(checkpoint: str | None) -> bool:
+    """--gan_checkpoint none or --vae_checkpoint none: that optional model is not served."""
+    return checkpoint is not None and checkpoint.lower() == NO_CHECKPOINT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,7 +164,7 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
             p.error(f"--cors_origins: {origin!r} is not an origin like http://127.0.0.1:8501 (scheme://host[:port])")
     for name in CHECKPOINT_FLAGS:
         path = getattr(args, name)
-        if not path or (name in ("gan_checkpoint", "vae_checkpoint") and path.lower() == NO_CHECKPOINT):
+        if not path or (name in ("gan_checkpoint", "vae_checkpoint") and declined(path)):
             continue
         if Path(path).is_dir():
             p.error(f"--{name} {path} is a folder, not a checkpoint file")
@@ -318,7 +324,7 @@ def load_models(args: argparse.Namespace) -> dict[str, Any]:
     runs on a thread at startup."""
     device = args.device
     images = {"diffusion": image_gen.load_image_generator(args.image_checkpoint, model="diffusion", device=device)}
-    if (args.gan_checkpoint or "").lower() == NO_CHECKPOINT:
+    if declined(args.gan_checkpoint):
         log.info("no GAN served: --gan_checkpoint %s", NO_CHECKPOINT)
     else:
         try:
@@ -342,7 +348,7 @@ def load_models(args: argparse.Namespace) -> dict[str, Any]:
 def load_vae(checkpoint: str | None, device: str | None) -> audio_gen.AudioModel | None:
     """The VAE named, else the one --mode sample picks when it exists, else None (no VAE trained or shipped).
     Like the GAN it is optional: a default file that does not load is logged and skipped; a named one raises."""
-    if checkpoint is not None and checkpoint.lower() == NO_CHECKPOINT:
+    if declined(checkpoint):
         return None
     if checkpoint is None and not audio_gen.default_checkpoint(None, "vae").exists():
         log.info("no VAE served: no %s trained or shipped", audio_gen.CHECKPOINT_NAMES["vae"])
@@ -378,11 +384,11 @@ def check_startup(args: argparse.Namespace) -> None:
     audio_gen.resolve_device(args.device)
     if args.image_checkpoint:
         image_gen.load_image_generator(args.image_checkpoint, model="diffusion", device="cpu")
-    if args.gan_checkpoint and args.gan_checkpoint.lower() != NO_CHECKPOINT:
+    if args.gan_checkpoint and not declined(args.gan_checkpoint):
         image_gen.load_image_generator(args.gan_checkpoint, model="gan", device="cpu")
     if args.audio_checkpoint:
         audio_gen.load_audio_model(args.audio_checkpoint, device="cpu")
-    if args.vae_checkpoint and args.vae_checkpoint.lower() != NO_CHECKPOINT:
+    if args.vae_checkpoint and not declined(args.vae_checkpoint):
         audio_gen.load_audio_model(args.vae_checkpoint, device="cpu", model="vae")
 
 
