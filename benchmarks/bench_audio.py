@@ -8,7 +8,7 @@ VOICE_VARIANTS, GM_PROGRAMS, TEMPO_RANGES). Five parts, each optional:
              with the same latent budget, spectral convergence and log-spectral distance after the mel inverse
              + Griffin-Lim beside the Griffin-Lim ceiling (the same path from the original mel), PESQ-WB and
              STOI on speech; plus the held-out synthetic mixtures the earlier specialist was scored on.
-  rate       rate-distortion: one model per latent budget (--budgets), trained the same way for --steps steps,
+  rate       rate-distortion: one model per latent budget (--budgets), trained the same way for --epochs epochs,
              against PCA at each budget and the ceiling; writes docs/audio/rate_distortion.png.
   long       a 10-minute file through `audio_gen.py --mode infer --input`: wall time and peak memory, beside a
              1-minute file (chunked reconstruction keeps memory flat).
@@ -73,7 +73,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sc_weight", type=float, default=0.2,
                    help="rate: audio_gen.py's --sc_weight for every model (the published figure: 0, made before the flag)")
     p.add_argument("--refine_steps", type=int, default=ag.REFINE_STEPS,
-                   help="audio_gen.py's --refine_steps for every model scored (the published rate figure and VAE table: 0)")
+                   help="audio_gen.py's --refine_steps for every model scored (the published VAE table: 0, made before refinement)")
     p.add_argument("--long_minutes", type=float, default=10.0, help="long: length of the long input")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling of clips, initialisation and Griffin-Lim")
     return p.parse_args()
