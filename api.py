@@ -84,7 +84,6 @@ CLIP_GAP_SECONDS = 0.25  # several clips as one audio/wav: this much silence bet
 VAE_PRIORS = ("mixture", "standard")
 NO_CHECKPOINT = "none"  # --gan_checkpoint none, --vae_checkpoint none: serve no GAN, no VAE, even where one exists
 DEFAULT_SAMPLER = {"diffusion": "ddim", "gan": "gan"}
-
 AUDIO_FORMATS = "wav, flac or ogg (anything libsndfile reads)"
 LOOPBACK_NAMES = {"localhost"}
 Bounds = image_gen.Bounds
@@ -324,15 +323,9 @@ def load_models(args: argparse.Namespace) -> dict[str, Any]:
     runs on a thread at startup."""
     device = args.device
     images = {"diffusion": image_gen.load_image_generator(args.image_checkpoint, model="diffusion", device=device)}
-    if declined(args.gan_checkpoint):
-        log.info("no GAN served: --gan_checkpoint %s", NO_CHECKPOINT)
-    else:
-        try:
-            images["gan"] = image_gen.load_image_generator(args.gan_checkpoint, model="gan", device=device)
-        except image_gen.UsageError as error:
-            if args.gan_checkpoint:
-                raise
-            log.info("no GAN served: %s", error)  # no GAN checkpoint trained or shipped yet
+    gan = load_gan(args.gan_checkpoint, device)
+    if gan is not None:
+        images["gan"] = gan
     audio = audio_gen.load_audio_model(args.audio_checkpoint, device=device)
     vae = load_vae(args.vae_checkpoint, device)
     # One tiny call of each, so the first client does not pay for lazy imports and first-call allocations.
@@ -343,6 +336,21 @@ def load_models(args: argparse.Namespace) -> dict[str, Any]:
     if vae is not None:
         wav_bytes(vae.sample(1, seconds=CLIP_SECONDS.low, griffin_lim_iters=1)["wav_hat"][0], vae.sample_rate)
     return {"images": images, "audio": audio, "vae": vae}
+
+
+def load_gan(checkpoint: str | None, device: str | None) -> image_gen.ImageGenerator | None:
+    """The GAN named, else the one --mode infer --model gan picks, else None (none trained or shipped).
+    Optional like the VAE: a default file that does not load is logged and skipped; a named one raises."""
+    if declined(checkpoint):
+        log.info("no GAN served: --gan_checkpoint %s", NO_CHECKPOINT)
+        return None
+    try:
+        return image_gen.load_image_generator(checkpoint, model="gan", device=device)
+    except image_gen.UsageError as error:
+        if checkpoint:
+            raise
+        log.info("no GAN served: %s", error)  # no GAN checkpoint trained or shipped yet
+        return None
 
 
 def load_vae(checkpoint: str | None, device: str | None) -> audio_gen.AudioModel | None:
