@@ -502,7 +502,8 @@ class AudioClipsResponse(BaseModel):
 
 class ModelsResponse(BaseModel):
     images: dict[str, dict[str, Any]] = Field(description="kind, checkpoint, sha256, image_size, samplers")
-    audio: dict[str, Any] = Field(description="kind, checkpoint, sha256, sample_rate")
+    audio: dict[str, Any] = Field(description="kind, checkpoint, sha256, sample_rate, experts (the specialists a "
+                                              "clip may be handed to)")
     vae: dict[str, Any] | None = Field(description="kind, checkpoint, sha256, sample_rate, latent_dim, epoch, prior "
                                                    "(the default), priors; null where no VAE is served")
     limits: dict[str, int | float]
@@ -699,7 +700,8 @@ def create_app(args: argparse.Namespace) -> FastAPI:
                          "class_conditional": g.class_conditional} for name, g in models["images"].items()}
         audio = models["audio"]
         return ModelsResponse(images=images, audio={"kind": audio.kind, "checkpoint": Path(audio.checkpoint).name,
-                                                    "sha256": audio.sha256, "sample_rate": audio.sample_rate},
+                                                    "sha256": audio.sha256, "sample_rate": audio.sample_rate,
+                                                    "experts": [e["name"] for e in audio.config["experts"]]},
                               vae=describe_vae(models["vae"]), limits=limits(args))
 
     @app.post("/v1/images/generate", tags=["images"], dependencies=[Depends(authorised), Depends(json_body)],

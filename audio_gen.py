@@ -242,6 +242,8 @@ REFINE_LOUDNESS_WEIGHT = 1.0  # ... + this x the convergence on loudness (power 
 REFINE_LOUDNESS_OVERSHOOT = 2.0  # ... where a bin decoded too loud counts this x one too quiet: refinement_loss
 LOUDNESS_EXPONENT = 0.25  # Zwicker's power law, near the loudness PESQ compares: quiet bins count more than in magnitudes
 ARCHITECTURE = ("n_mels", "latent_dim", "hidden_channels", "postnet_blocks")  # the config keys that build a model
+EXPERT_ARCHITECTURE = ("hidden_channels", "postnet_blocks")  # ... and an expert's own (n_mels, latent_dim: the model's)
+MAX_EXPERTS = 4
 DEFAULT_CORPUS_MIX = "speech=0.45,music=0.35,synthetic=0.2"  # the shipped model's draws
 CORPUS_SOURCES = ("speech", "music", "synthetic")
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus"}
@@ -333,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--prior", choices=["mixture", "standard"], default=None,
                      help="sample: the learned clip mixture (default, where the checkpoint has one) or N(0, I)")
     gen.add_argument("--steps", type=int, default=6, help="interpolate: steps from --input (step 0) to --input_b (step K)")
+    p.set_defaults(experts=[])  # no flag: a model trained --init_from or --resume keeps the experts its checkpoint holds
     cfg = p.parse_args(argv)
     validate(cfg)
     return cfg
@@ -997,6 +1000,7 @@ class AudioAutoencoder(nn.Module):
         self.patch_encoder = nn.Linear(n_mels * TIME_STRIDE, latent_dim)
         self.patch_decoder = nn.Linear(latent_dim, n_mels * TIME_STRIDE)
         self.postnet = nn.Sequential(*[ResBlock(n_mels, hidden, kernel_size=5) for _ in range(postnet_blocks)])
+        self.experts = nn.ModuleList()  # specialists reconstruction may hand a clip to (Expert); build_model adds them
         for layer in (self.encoder[-1], self.decoder[-1], *(block.conv2 for block in self.postnet)):
             nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
 
@@ -1025,6 +1029,32 @@ class AudioAutoencoder(nn.Module):
         V = torch.linalg.eigh(cov).eigenvectors[:, -self.patch_encoder.out_features:].T  # (latent_dim, n_mels*16)
         self.patch_encoder.weight.copy_(V), self.patch_encoder.bias.copy_(-V @ mu)
         self.patch_decoder.weight.copy_(V.T), self.patch_decoder.bias.copy_(mu)
+
+
+class Expert(nn.Module):
+    """A second autoencoder with the same latent size, trained alone on one kind of audio, that reconstruction may
+    hand a clip to in place of the main model (choose_coder). A general model pays on a narrow source for what it
+    learned of the others: on the synthetic mixtures the shipped general model's log-mel MSE is twice its
+    specialist's, and no refinement of its latents closes that gap (docs/audio.md).
+
+    The expert keeps the normalisation it was trained with. The two are affine in each other, x' = scale x + shift,
+    so it reads and writes the main model's normalised log-mels. Its weights stay frozen when the main model trains.
+    """
+
+    def __init__(self, model: AudioAutoencoder, name: str):
+        super().__init__()
+        self.model, self.name = model.requires_grad_(False), name
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("shift", torch.tensor(0.0))
+
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(mel * self.scale + self.shift)  # (B, n_mels, T) -> (B, latent_dim, T/16)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return (self.model.decode(z) - self.shift) / self.scale
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(mel))
 
 
 class AudioVAE(AudioAutoencoder):
@@ -1351,9 +1381,34 @@ def encode_refined(model: AudioAutoencoder, pre: AudioPreprocessor, mel: torch.T
 
 
 @torch.no_grad()
+def choose_coder(model: AudioAutoencoder, mel: torch.Tensor) -> torch.Tensor:
+    """Per clip (B,): 0 where the model itself codes it, k where its expert k does (model.experts[k - 1]).
+
+    Analysis by synthesis, as a speech codec picks its mode: each coder encodes and decodes the clip, and the one
+    whose decoding lies nearest in log-mel MSE, the term every model here trains on, takes it. Its index travels
+    with the latent: log2(1 + experts) bits a clip, against 64 floats every 16 mel frames."""
+    if not model.experts:
+        return torch.zeros(len(mel), dtype=torch.long, device=mel.device)
+    return torch.stack([(coder(mel) - mel).pow(2).mean(dim=(1, 2)) for coder in (model, *model.experts)]).argmin(0)
+
+
+@torch.no_grad()
 def reconstruct_mel(model: AudioAutoencoder, pre: AudioPreprocessor, mel: torch.Tensor, refine_steps: int) -> torch.Tensor:
-    """(B, n_mels, T) -> the decoding of its (refined) latent, (B, n_mels, T): what every evaluation path scores."""
-    return model.decode(encode_refined(model, pre, mel, refine_steps))
+    """(B, n_mels, T) -> the decoding of its (refined) latent, (B, n_mels, T): what every evaluation path scores.
+
+    A clip choose_coder hands to an expert is decoded from that expert's encoder alone: refinement weighs the loud
+    bins the main model's speech and music targets are judged by, and on the specialist's own synthetic mixtures it
+    raised the specialist's log-mel MSE by 40 % (docs/audio.md)."""
+    coder = choose_coder(model, mel)
+    if not model.experts:
+        return model.decode(encode_refined(model, pre, mel, refine_steps))
+    mel_hat = torch.empty_like(mel)
+    for k, expert in enumerate(model.experts, start=1):
+        if (coder == k).any():
+            mel_hat[coder == k] = expert(mel[coder == k])
+    if (coder == 0).any():
+        mel_hat[coder == 0] = model.decode(encode_refined(model, pre, mel[coder == 0], refine_steps))
+    return mel_hat
 
 
 @torch.no_grad()
@@ -1488,7 +1543,7 @@ class AudioTrainer:
         self.model = model
         self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
         # weight decay on matrices and kernels only, against memorising the training clips (see random_shift)
-        params = list(model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]  # an Expert's weights stay as they are
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         # beta2 0.99, not 0.999: the second-moment estimate then keeps up when gradients grow as the zero-initialised
@@ -1511,7 +1566,7 @@ class AudioTrainer:
     def state(self) -> dict:
         return {
             "format_version": FORMAT_VERSION, "kind": "audio_autoencoder",
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": model_state(self.model), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "config": checkpoint_config(self.cfg),
             "normalisation": {"mean": self.pre.mean.item(), "std": self.pre.std.item()}, "history": self.history,
             **({"prior": self.prior.state()} if self.prior else {}),
@@ -1633,7 +1688,7 @@ def draw_weights(data: AudioData, mix: dict[str, float]) -> torch.Tensor | None:
 
 def checkpoint_config(cfg: argparse.Namespace) -> dict:
     """The settings infer and resume need, as plain types (weights_only loading accepts nothing else)."""
-    keys = ("model", "n_mels", "latent_dim", "hidden_channels", "postnet_blocks", "stem", "seed", "num_samples", "audio_dir", "musdb_root",
+    keys = ("model", "n_mels", "latent_dim", "hidden_channels", "postnet_blocks", "experts", "stem", "seed", "num_samples", "audio_dir", "musdb_root",
             "corpus_dir", "corpus_mix", "batch_size", "delta_weight", "sc_weight", "loudness_weight", "learning_rate", "weight_decay", "epochs", "init_from")
     variational = ("kl_weight", "kl_warmup_steps", "free_bits", "prior_components") if cfg.model == "vae" else ()
     return {k: getattr(cfg, k) for k in keys + variational}
@@ -1680,6 +1735,12 @@ def load_checkpoint(path: Path, resume: bool = False, model: str | None = None) 
         if config.get(name) not in LIMITS[name]:
             raise UsageError(f"checkpoint {path}: its config has {name} {config.get(name)!r}, not "
                              f"{LIMITS[name].describe()}")
+    experts = config.setdefault("experts", [])  # checkpoints from before the experts have none
+    if not isinstance(experts, list) or len(experts) > MAX_EXPERTS or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and all(e.get(k) in LIMITS[k] for k in EXPERT_ARCHITECTURE)
+            for e in experts):
+        raise UsageError(f"checkpoint {path}: its config's experts are not a list of at most {MAX_EXPERTS} "
+                         f"{{name, {', '.join(EXPERT_ARCHITECTURE)}}} within the flags' limits")
     if config.get("model", "ae") not in CHECKPOINT_NAMES:
         raise UsageError(f"checkpoint {path}: its config has model {config['model']!r}, not one of {', '.join(CHECKPOINT_NAMES)}")
     if resume and not {"optimizer", "scheduler", "history"} <= ckpt.keys():
@@ -1692,8 +1753,41 @@ def load_checkpoint(path: Path, resume: bool = False, model: str | None = None) 
 
 
 def build_model(kind: str, config: dict) -> AudioAutoencoder:
-    """A fresh autoencoder or VAE (kind ae or vae) of the architecture that config's ARCHITECTURE keys give."""
-    return (AudioVAE if kind == "vae" else AudioAutoencoder)(*(config[k] for k in ARCHITECTURE))
+    """A fresh autoencoder or VAE (kind ae or vae) of the architecture that config's ARCHITECTURE keys give, with
+    the experts its config lists (their weights come with the checkpoint's)."""
+    model = (AudioVAE if kind == "vae" else AudioAutoencoder)(*(config[k] for k in ARCHITECTURE))
+    for expert in config.get("experts", []):
+        specialist = AudioAutoencoder(config["n_mels"], config["latent_dim"], *(expert[k] for k in EXPERT_ARCHITECTURE))
+        model.experts.append(Expert(specialist, expert["name"]))
+    return model
+
+
+def model_state(model: AudioAutoencoder) -> dict:
+    """The weights a checkpoint stores: the experts' in float16. They are frozen, so they are rounded once, which
+    keeps the shipped model with its specialist under 20 MB (the specialist's log-mel MSE unchanged: docs/audio.md)."""
+    return {k: v.half() if k.startswith("experts.") and ".model." in k else v for k, v in model.state_dict().items()}
+
+
+def attach_expert(checkpoint: Path, expert_checkpoint: Path, name: str) -> dict:
+    """checkpoint's autoencoder with expert_checkpoint's added as an Expert named `name`, mapped into the model's
+    normalisation (x' = (x std + mean - mean') / std'): the checkpoint dict to save."""
+    ckpt, expert_ckpt = load_checkpoint(checkpoint), load_checkpoint(expert_checkpoint)
+    config, expert_config = ckpt["config"], expert_ckpt["config"]
+    if model_kind(ckpt) != "ae" or model_kind(expert_ckpt) != "ae" or expert_config["experts"]:
+        raise UsageError(f"an expert joins an autoencoder and is a plain one ({checkpoint}, {expert_checkpoint})")
+    if any(expert_config[k] != config[k] for k in ("n_mels", "latent_dim")):
+        raise UsageError(f"expert {expert_checkpoint}: n_mels {expert_config['n_mels']} and latent_dim "
+                         f"{expert_config['latent_dim']} must be the model's, {config['n_mels']} and {config['latent_dim']}")
+    if len(config["experts"]) >= MAX_EXPERTS:
+        raise UsageError(f"{checkpoint} already holds {MAX_EXPERTS} experts, the most a model takes")
+    model, _ = model_from_checkpoint(ckpt, checkpoint)
+    specialist, _ = model_from_checkpoint(expert_ckpt, expert_checkpoint)
+    expert = Expert(specialist, name)
+    main, own = ckpt["normalisation"], expert_ckpt["normalisation"]
+    expert.scale.fill_(main["std"] / own["std"]), expert.shift.fill_((main["mean"] - own["mean"]) / own["std"])
+    model.experts.append(expert)
+    config = {**config, "experts": [*config["experts"], {"name": name, **{k: expert_config[k] for k in EXPERT_ARCHITECTURE}}]}
+    return {**ckpt, "config": config, "model": model_state(model)}
 
 
 def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[AudioAutoencoder, AudioPreprocessor]:
@@ -1734,6 +1828,7 @@ def train(cfg: argparse.Namespace) -> None:
     if cfg.init_from and ckpt is None:  # a new run from trained weights: the architecture and normalisation come with them
         start = load_checkpoint(Path(cfg.init_from))
         vars(cfg).update({k: start["config"][k] for k in ARCHITECTURE if k != "postnet_blocks"})  # the post-net may grow
+        cfg.experts = start["config"]["experts"] if cfg.model == "ae" else []  # frozen, and mapped to the kept normalisation
         if cfg.postnet_blocks < start["config"]["postnet_blocks"]:
             raise UsageError(f"--postnet_blocks {cfg.postnet_blocks}: {cfg.init_from} has {start['config']['postnet_blocks']}; "
                              f"a model started from it may add post-net blocks, not drop them")
@@ -1772,8 +1867,9 @@ def train(cfg: argparse.Namespace) -> None:
             counts = {s: data.train_sources.count(s) for s in dict.fromkeys(data.train_sources)}
             print("  training clips per source: " + ", ".join(f"{s} {n}" for s, n in counts.items())
                   + "; draws: " + ", ".join(f"{s} {share:.0%}" for s, share in cfg.corpus_mix.items()))
-        print(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters"
-              + (f" from {cfg.init_from}" if cfg.init_from else "") + f"; mel {cfg.n_mels}x{frames} -> latent "
+        print(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters"
+              + (f" from {cfg.init_from}" if cfg.init_from else "")
+              + "".join(f", frozen expert {e.name}" for e in model.experts) + f"; mel {cfg.n_mels}x{frames} -> latent "
               f"{cfg.latent_dim}x{frames // TIME_STRIDE}: compression ratio {ratio:.1f}x; device {device}, {world_size} process(es)")
     try:
         trainer.fit(train_mels, val_mels, checkpoint)
@@ -1983,7 +2079,8 @@ def flatten(tree: dict, prefix: tuple = ()) -> list[tuple[tuple, object]]:
 def announce(audio: AudioModel) -> None:
     pretrained = audio.checkpoint.resolve().parent == PRETRAINED_DIR
     print(f"using checkpoint {audio.checkpoint}" + (" (pretrained)" if pretrained else "") + f": {audio.kind}, "
-          f"epoch {audio.epoch}, n_mels {audio.config['n_mels']}, latent_dim {audio.config['latent_dim']}")
+          f"epoch {audio.epoch}, n_mels {audio.config['n_mels']}, latent_dim {audio.config['latent_dim']}"
+          + "".join(f", expert {e['name']}" for e in audio.config["experts"]))
 
 
 def infer(cfg: argparse.Namespace) -> None:

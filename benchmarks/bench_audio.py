@@ -7,7 +7,8 @@ VOICE_VARIANTS, GM_PROGRAMS, TEMPO_RANGES). Five parts, each optional:
   held-out   a checkpoint, per source (speech, music mixture, each stem, synthetic stems): mel MSE against PCA
              with the same latent budget, spectral convergence and log-spectral distance after the mel inverse
              + Griffin-Lim beside the Griffin-Lim ceiling (the same path from the original mel), PESQ-WB and
-             STOI on speech; plus the held-out synthetic mixtures the earlier specialist was scored on.
+             STOI on speech; plus the held-out synthetic mixtures the earlier specialist was scored on; and the
+             share of each source's clips that choose_coder hands to one of the checkpoint's experts.
   rate       rate-distortion: one model per latent budget (--budgets), trained the same way for --epochs epochs,
              against PCA at each budget and the ceiling; writes docs/audio/rate_distortion.png.
   long       a 10-minute file through `audio_gen.py --mode infer --input`: wall time and peak memory, beside a
@@ -120,20 +121,21 @@ def held_out(cfg: argparse.Namespace, audio: ag.AudioModel, train: torch.Tensor,
     train_mel = normalised_mels(pre, train)
     print(f"\n== held-out corpus, checkpoint {audio.checkpoint} (epoch {audio.epoch}, {k} latent channels, "
           f"--refine_steps {cfg.refine_steps}); PCA fitted on {len(train)} training clips")
-    print("| source | clips | mel MSE: model / PCA | spectral convergence: model / PCA / ceiling | "
+    print("| source | clips | to an expert | mel MSE: model / PCA | spectral convergence: model / PCA / ceiling | "
           "LSD dB: model / ceiling | PESQ-WB: model / PCA / ceiling | STOI: model / PCA / ceiling |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     labels = np.array(val_sources)
     for source in dict.fromkeys(val_sources):
         clips = val[torch.from_numpy(labels == source)]
         mel = normalised_mels(pre, clips)
         model_mel = torch.cat([ag.reconstruct_mel(model, pre, m, cfg.refine_steps) for m in mel.split(32)])
+        expert = torch.cat([ag.choose_coder(model, m) > 0 for m in mel.split(32)]).float().mean().item()
         pca_mel = pca_reconstruct(train_mel, mel, k)
         mse = [ag.mel_metrics(mel, m, pre)["mse"] for m in (model_mel, pca_mel)]
         n, speech = min(cfg.wave_clips, len(clips)), source == "speech"
         w = [after_inverse(pre, clips[:n], m[:n], speech, cfg.seed) for m in (model_mel, pca_mel, mel)]
         fmt = lambda key: " / ".join(f"{x[key]:.3f}" if isinstance(x[key], float) else "n/a" for x in w)  # noqa: E731
-        print(f"| {source} | {len(clips)} ({n}) | {mse[0]:.4f} / {mse[1]:.4f} | {fmt('spectral_convergence')} | "
+        print(f"| {source} | {len(clips)} ({n}) | {expert:.0%} | {mse[0]:.4f} / {mse[1]:.4f} | {fmt('spectral_convergence')} | "
               f"{w[0]['log_spectral_distance_db']:.2f} / {w[2]['log_spectral_distance_db']:.2f} | "
               f"{fmt('pesq_wb') if speech else 'n/a'} | {fmt('stoi') if speech else 'n/a'} |", flush=True)
     # the earlier specialist's held-out set: synthetic mixtures 990-1099 of seed 0 (mel MSE 0.0291 there)
@@ -141,11 +143,13 @@ def held_out(cfg: argparse.Namespace, audio: ag.AudioModel, train: torch.Tensor,
     clips = torch.stack([synthetic[i] for i in range(990, 1100)])
     mel = normalised_mels(pre, clips)
     mse = ag.mel_metrics(mel, torch.cat([ag.reconstruct_mel(model, pre, m, cfg.refine_steps) for m in mel.split(32)]), pre)["mse"]
+    expert = torch.cat([ag.choose_coder(model, m) > 0 for m in mel.split(32)]).float().mean().item()
     # MSE on the normalised log-mel depends on each model's std: compare in log-mel units (MSE x std^2)
     raw, specialist = mse * pre.std.item() ** 2, SPECIALIST_MSE * SPECIALIST_STD**2
     print(f"\nsynthetic mixtures 990-1099 (seed 0, the specialist's held-out set): normalised mel MSE {mse:.4f}, "
           f"{raw:.3f} in log-mel units; the synthetic-only specialist: {SPECIALIST_MSE} normalised by its std "
-          f"{SPECIALIST_STD}, {specialist:.3f} in log-mel units ({100 * (raw / specialist - 1):+.1f}%)")
+          f"{SPECIALIST_STD}, {specialist:.3f} in log-mel units ({100 * (raw / specialist - 1):+.1f}%); "
+          f"{expert:.0%} of the clips handed to an expert")
 
 
 def rate_distortion(cfg: argparse.Namespace, train: torch.Tensor, train_sources: list[str], val: torch.Tensor,

@@ -126,6 +126,7 @@ def test_models_names_checkpoints_by_sha256(client):
     audio = client.app.state.models["audio"]
     assert body["audio"]["sha256"] == hashlib.sha256(Path(audio.checkpoint).read_bytes()).hexdigest()
     assert body["audio"]["sample_rate"] == audio_gen.SAMPLE_RATE
+    assert body["audio"]["experts"] == [e["name"] for e in audio.config["experts"]]  # shipped: ["synthetic"]
     assert body["limits"]["max_num_samples"] == api.MAX_NUM_SAMPLES
 
 

@@ -23,6 +23,7 @@ SCRIPT = str(ROOT / "audio_gen.py")
 # one thread per process keeps the suite predictable on shared two-core CI machines
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SHIPPED_STOI_FLOOR = 0.82  # the shipped model scores 0.876 on the unheard voice below (0.882 with text seed 7)
+SHIPPED_SYNTHETIC_MSE_CEILING = 0.55  # log-mel MSE on 4 held-out synthetic mixtures: 0.469 (general model alone: 0.842)
 TINY = ["--num_samples", "20", "--batch_size", "8", "--hidden_channels", "32", "--eval_clips", "2", "--device", "cpu"]
 
 
@@ -278,6 +279,11 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
     torch.save({**good, "format_version": 2}, tmp / "old.pt")
     torch.save({**good, "format_version": 99}, tmp / "future.pt")
     torch.save({**good, "config": {**good["config"], "hidden_channels": 10**9}}, tmp / "doctored.pt")
+    giant = {"name": "giant", "hidden_channels": 10**9, "postnet_blocks": 0}
+    torch.save({**good, "config": {**good["config"], "experts": [giant]}}, tmp / "doctored_expert.pt")
+    stowaway = {**{f"experts.0.model.{k}": v for k, v in good["model"].items()},
+                "experts.0.scale": torch.tensor(1.0), "experts.0.shift": torch.tensor(0.0)}
+    torch.save({**good, "model": {**good["model"], **stowaway}}, tmp / "extra_expert.pt")
     torch.save({**good, "model": {**good["model"], "encoder.0.weight": good["model"]["encoder.0.weight"] * np.nan}},
                tmp / "nan_weights.pt")
     postnet = {f"postnet.0.{k}": v for k, v in ag.ResBlock(128, 32, kernel_size=5).state_dict().items()}
@@ -303,6 +309,8 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> dict[str, list[str]]:
         "checkpoint of a future format": ["--mode", "infer", "--checkpoint", str(tmp / "future.pt")],
         "checkpoint with a doctored config": ["--mode", "infer", "--checkpoint", str(tmp / "doctored.pt")],
         "checkpoint with NaN weights": ["--mode", "infer", "--checkpoint", str(tmp / "nan_weights.pt")],
+        "checkpoint with a giant expert": ["--mode", "infer", "--checkpoint", str(tmp / "doctored_expert.pt")],
+        "checkpoint with expert weights its config lacks": ["--mode", "infer", "--checkpoint", str(tmp / "extra_expert.pt")],
         "checkpoint that runs code (torch zip)": ["--mode", "infer", "--checkpoint", str(tmp / "planted.pt")],
         "checkpoint that runs code (plain pickle)": ["--mode", "infer", "--checkpoint", str(tmp / "planted.pkl")],
         "an autoencoder where a VAE is needed": ["--mode", "sample", "--checkpoint", str(good_ckpt)],
@@ -468,7 +476,8 @@ def test_corpus_is_deterministic_and_in_the_musdb_layout(tmp_path):
 
 @pytest.fixture(scope="module")
 def shipped() -> "ag.AudioModel":
-    return ag.load_audio_model(device="cpu")
+    """The shipped model by its path: after `make demo`, the default checkpoint is the demo's models/audio_autoencoder.pt."""
+    return ag.load_audio_model(ag.PRETRAINED_CHECKPOINT, device="cpu")
 
 
 def _unheard_speech(text_seed: int = 12345) -> torch.Tensor:
@@ -480,7 +489,6 @@ def _unheard_speech(text_seed: int = 12345) -> torch.Tensor:
 
 
 def test_shipped_model_reconstructs_a_voice_it_never_heard(shipped):
-    assert shipped.checkpoint == ag.PRETRAINED_CHECKPOINT or not ag.DEFAULT_CHECKPOINT.exists()
     wav = _unheard_speech()
     rec = shipped.reconstruct(wav)
     stoi = shipped.metrics(wav, rec)["waveform"]["autoencoder"]["stoi"]
@@ -548,6 +556,77 @@ def test_a_long_input_is_reconstructed_in_cross_faded_chunks(trained, tmp_path):
     ag.reconstruct_file(Identity(checkpoint, torch.device("cpu")), tmp_path / "out" / "long_original_16k.wav",
                         tmp_path / "identity.wav", cfg)
     assert np.abs(sf.read(tmp_path / "identity.wav", dtype="float32")[0] - original).max() < 2 / 2**15
+
+
+# ----------------------------------------------------------------------------
+# Experts: a specialist that reconstruction hands the clips it codes best
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def with_expert(trained, tmp_path_factory) -> Path:
+    """The tiny vocals model with a tiny drums specialist attached as the expert "drums" (both.pt)."""
+    work = tmp_path_factory.mktemp("expert")
+    ok(run("--mode", "train", "--epochs", "2", "--stem", "drums", *TINY, "--hidden_channels", "16", "--seed", "1",
+           "--checkpoint", "drums.pt", "--results_dir", "drums_results", cwd=work))
+    state = ag.attach_expert(trained / "models" / "audio_autoencoder.pt", work / "drums.pt", "drums")
+    torch.save(state, work / "both.pt")
+    return work
+
+
+def test_an_expert_takes_the_clips_it_decodes_nearest(trained, with_expert):
+    """Held-out drum clips go to the drums specialist and vocal clips stay with the vocals model. A clip handed over
+    decodes as the specialist alone decodes it (in log-mel units, through the two normalisations and its float16
+    weights); the others as the model alone does, refinement included."""
+    both = ag.load_audio_model(with_expert / "both.pt", device="cpu")
+    alone = ag.load_audio_model(trained / "models" / "audio_autoencoder.pt", device="cpu")
+    drums = ag.load_audio_model(with_expert / "drums.pt", device="cpu")
+    clips = torch.stack([ag.SyntheticMUSDBDataset(4, stem, 9)[i] for stem in ("drums", "vocals") for i in range(4)])
+    pre = both.pre
+    mel = pre(clips * pre.level_gain(clips))  # (8, n_mels, 256): a seed neither model trained on
+    assert ag.choose_coder(both.model, mel).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert ag.choose_coder(alone.model, mel).tolist() == [0] * 8  # no experts, no choice
+    mel_hat = ag.reconstruct_mel(both.model, pre, mel, 3)
+    own = drums.pre(clips[:4] * drums.pre.level_gain(clips[:4]))
+    with torch.no_grad():
+        by_drums = drums.model(own) * drums.pre.std + drums.pre.mean  # log-mel units
+        by_alone = alone.model.decode(ag.encode_refined(alone.model, alone.pre, mel[4:], 3))
+    assert torch.allclose(mel_hat[:4] * pre.std + pre.mean, by_drums, atol=0.05)
+    assert torch.allclose(mel_hat[4:], by_alone, atol=1e-5)
+    assert both.reconstruct(clips[0])["wav_hat"].shape == (ag.CLIP_SAMPLES,)
+
+
+def test_training_from_a_model_with_an_expert_keeps_the_expert_as_it_was(with_expert, tmp_path):
+    """--init_from a checkpoint with an expert: the model trains, the expert's (float16) weights stay bit for bit."""
+    proc = ok(run("--mode", "train", "--epochs", "1", "--stem", "vocals", *TINY, "--init_from", str(with_expert / "both.pt"),
+                  "--checkpoint", str(tmp_path / "more.pt"), "--results_dir", str(tmp_path), cwd=tmp_path))
+    assert "frozen expert drums" in proc.stdout
+    before, after = (torch.load(p, weights_only=True) for p in (with_expert / "both.pt", tmp_path / "more.pt"))
+    assert after["config"]["experts"] == before["config"]["experts"] == [
+        {"name": "drums", "hidden_channels": 16, "postnet_blocks": 0}]
+    expert_keys = [k for k in before["model"] if k.startswith("experts.0.")]
+    assert len(expert_keys) > 20 and all(torch.equal(before["model"][k], after["model"][k]) for k in expert_keys)
+    assert after["model"]["experts.0.model.encoder.0.weight"].dtype == torch.float16
+    assert not torch.equal(before["model"]["encoder.0.weight"], after["model"]["encoder.0.weight"])
+
+
+def test_an_expert_must_be_a_plain_autoencoder_of_the_same_latent(trained, vae, with_expert):
+    main = trained / "models" / "audio_autoencoder.pt"
+    for expert, says in ((vae / "models" / "audio_vae.pt", "plain"), (with_expert / "both.pt", "plain")):
+        with pytest.raises(ag.UsageError, match=says):
+            ag.attach_expert(main, expert, "x")
+
+
+def test_the_shipped_model_hands_synthetic_mixtures_to_its_specialist(shipped):
+    """Held-out synthetic mixtures (the specialist's own held-out set) go to the shipped model's expert, at the
+    specialist's log-mel MSE; a voice and a song that no training run heard stay with the general model."""
+    assert [e["name"] for e in shipped.config["experts"]] == ["synthetic"]
+    synthetic = ag.SyntheticMUSDBDataset(1100, "mixture", 0)
+    song = torch.from_numpy(ag.corpus_song(0, "test", 0)[0]["mixture"][: ag.CLIP_SAMPLES].astype(np.float32))
+    clips = torch.stack([synthetic[i] for i in range(1096, 1100)] + [_unheard_speech()[: ag.CLIP_SAMPLES], song])
+    pre = shipped.pre
+    mel = pre(clips * pre.level_gain(clips))
+    assert ag.choose_coder(shipped.model, mel).tolist() == [1, 1, 1, 1, 0, 0]
+    mse = (ag.reconstruct_mel(shipped.model, pre, mel[:4], 0) - mel[:4]).pow(2).mean() * pre.std**2  # log-mel units
+    assert mse < SHIPPED_SYNTHETIC_MSE_CEILING, mse
 
 
 # ----------------------------------------------------------------------------
