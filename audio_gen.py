@@ -327,7 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="mel -> linear step: non-negative least squares (multiplicative updates) or torchaudio InverseMelScale")
     recon.add_argument("--refine_steps", type=int, default=REFINE_STEPS,
                        help="Adam steps that fit each clip's latent to the decoder before decoding (same latent size); "
-                            "0 is the encoder alone (docs/audio.md)")
+                            "0 is the encoder alone; a clip handed to an expert is not refined (docs/audio.md)")
     recon.add_argument("--eval_clips", type=int, default=8, help="held-out clips taken through Griffin-Lim for waveform metrics")
     gen = p.add_argument_group("generation (VAE)")
     gen.add_argument("--seconds", type=float, default=5.0, help="sample: length of each clip; interpolate: of each step")
@@ -1843,8 +1843,9 @@ def train(cfg: argparse.Namespace) -> None:
     else:
         model = build_model(cfg.model, vars(cfg))
         pre = AudioPreprocessor(cfg.n_mels, **start["normalisation"]) if start else AudioPreprocessor(cfg.n_mels)
-    if start is not None:
-        load_weights(model, start["model"], Path(cfg.init_from))
+    if start is not None:  # a VAE started from an autoencoder with experts leaves them behind
+        weights = {k: v for k, v in start["model"].items() if cfg.experts or not k.startswith("experts.")}
+        load_weights(model, weights, Path(cfg.init_from))
     model, pre = model.to(device), pre.to(device)
     n_train = len(data.train)
     train_mels, val_mels = log_mels(data.train, pre, cfg.batch_size, device), log_mels(data.val, pre, cfg.batch_size, device)

@@ -608,6 +608,13 @@ def test_training_from_a_model_with_an_expert_keeps_the_expert_as_it_was(with_ex
     assert not torch.equal(before["model"]["encoder.0.weight"], after["model"]["encoder.0.weight"])
 
 
+def test_a_vae_started_from_a_model_with_an_expert_leaves_the_expert_behind(with_expert, tmp_path):
+    ok(run("--mode", "train", "--model", "vae", "--epochs", "1", "--stem", "vocals", *TINY, "--init_from",
+           str(with_expert / "both.pt"), "--checkpoint", str(tmp_path / "vae.pt"), "--results_dir", str(tmp_path), cwd=tmp_path))
+    state = torch.load(tmp_path / "vae.pt", weights_only=True)
+    assert state["config"]["experts"] == [] and not any(k.startswith("experts.") for k in state["model"])
+
+
 def test_an_expert_must_be_a_plain_autoencoder_of_the_same_latent(trained, vae, with_expert):
     main = trained / "models" / "audio_autoencoder.pt"
     for expert, says in ((vae / "models" / "audio_vae.pt", "plain"), (with_expert / "both.pt", "plain")):
