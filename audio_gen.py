@@ -243,7 +243,7 @@ REFINE_LOUDNESS_OVERSHOOT = 2.0  # ... where a bin decoded too loud counts this 
 LOUDNESS_EXPONENT = 0.25  # Zwicker's power law, near the loudness PESQ compares: quiet bins count more than in magnitudes
 ARCHITECTURE = ("n_mels", "latent_dim", "hidden_channels", "postnet_blocks")  # the config keys that build a model
 EXPERT_ARCHITECTURE = ("hidden_channels", "postnet_blocks")  # ... and an expert's own (n_mels, latent_dim: the model's)
-MAX_EXPERTS = 4
+MAX_EXPERTS = 4  # a doctored config must not build model after model
 DEFAULT_CORPUS_MIX = "speech=0.45,music=0.35,synthetic=0.2"  # the shipped model's draws
 CORPUS_SOURCES = ("speech", "music", "synthetic")
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus"}
@@ -1034,7 +1034,7 @@ class AudioAutoencoder(nn.Module):
 class Expert(nn.Module):
     """A second autoencoder with the same latent size, trained alone on one kind of audio, that reconstruction may
     hand a clip to in place of the main model (choose_coder). A general model pays on a narrow source for what it
-    learned of the others: on the synthetic mixtures the shipped general model's log-mel MSE is twice its
+    learned of the others: on the synthetic mixtures the shipped general model's log-mel MSE is 2.3 times its
     specialist's, and no refinement of its latents closes that gap (docs/audio.md).
 
     The expert keeps the normalisation it was trained with. The two are affine in each other, x' = scale x + shift,
@@ -1399,9 +1399,9 @@ def reconstruct_mel(model: AudioAutoencoder, pre: AudioPreprocessor, mel: torch.
     A clip choose_coder hands to an expert is decoded from that expert's encoder alone: refinement weighs the loud
     bins the main model's speech and music targets are judged by, and on the specialist's own synthetic mixtures it
     raised the specialist's log-mel MSE by 40 % (docs/audio.md)."""
-    coder = choose_coder(model, mel)
     if not model.experts:
         return model.decode(encode_refined(model, pre, mel, refine_steps))
+    coder = choose_coder(model, mel)
     mel_hat = torch.empty_like(mel)
     for k, expert in enumerate(model.experts, start=1):
         if (coder == k).any():
