@@ -1398,7 +1398,7 @@ def reconstruct_mel(model: AudioAutoencoder, pre: AudioPreprocessor, mel: torch.
 
     A clip choose_coder hands to an expert is decoded from that expert's encoder alone: refinement weighs the loud
     bins the main model's speech and music targets are judged by, and on the specialist's own synthetic mixtures it
-    raised the specialist's log-mel MSE by 40 % (docs/audio.md)."""
+    raised the specialist's log-mel MSE by 30 % (docs/audio.md)."""
     if not model.experts:
         return model.decode(encode_refined(model, pre, mel, refine_steps))
     coder = choose_coder(model, mel)
