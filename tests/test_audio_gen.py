@@ -615,9 +615,12 @@ def test_a_vae_started_from_a_model_with_an_expert_leaves_the_expert_behind(with
     assert state["config"]["experts"] == [] and not any(k.startswith("experts.") for k in state["model"])
 
 
-def test_an_expert_must_be_a_plain_autoencoder_of_the_same_latent(trained, vae, with_expert):
+def test_an_expert_must_be_a_plain_autoencoder_of_the_same_latent(trained, vae, with_expert, tmp_path):
     main = trained / "models" / "audio_autoencoder.pt"
-    for expert, says in ((vae / "models" / "audio_vae.pt", "plain"), (with_expert / "both.pt", "plain")):
+    drums = torch.load(with_expert / "drums.pt", weights_only=True)
+    torch.save({**drums, "config": {**drums["config"], "latent_dim": 32}}, tmp_path / "narrow.pt")
+    for expert, says in ((vae / "models" / "audio_vae.pt", "plain"), (with_expert / "both.pt", "plain"),
+                         (tmp_path / "narrow.pt", "latent_dim 32 must be the model's, 128 and 64")):
         with pytest.raises(ag.UsageError, match=says):
             ag.attach_expert(main, expert, "x")
 
