@@ -78,6 +78,8 @@ def main() -> None:
         copy(args.vae_run / "results" / "training_curves.png", images / "vae_training_curves.png")
     if args.audio_expert:  # after --audio_run: the expert joins the model just published
         name, _, path = args.audio_expert.partition("=")
+        if not name or not path:
+            parser.error(f"--audio_expert {args.audio_expert}: give NAME=CHECKPOINT, e.g. synthetic=runs/specialist/audio_autoencoder.pt")
         shipped = ROOT / "models" / "pretrained" / "audio_autoencoder.pt"
         try:
             state = audio_gen.attach_expert(shipped, Path(path), name)
